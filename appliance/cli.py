@@ -1,0 +1,154 @@
+"""The ``appliance`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from appliance import __version__
+from appliance import config as config_mod
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    """'COLSxROWSxSLICES' (e.g. 512x512x64) -> (slices, rows, columns)."""
+    try:
+        cols, rows, slices = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be COLUMNSxROWSxSLICES, e.g. 512x512x64, not {text!r}")
+    if min(cols, rows, slices) < 1 or max(cols, rows) > 4096:
+        raise argparse.ArgumentTypeError(f"shape out of range: {text}")
+    return slices, rows, cols
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from appliance.daemon import Daemon
+    from appliance.logging import configure
+
+    cfg = config_mod.load(args.config)
+    configure(args.log_level)
+    return Daemon(cfg).run_forever()
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
+    from appliance.dicom.scu import SendError, echo
+
+    try:
+        status = echo(args.host, args.port, args.aet, args.aec)
+    except SendError as exc:
+        print(f"echo failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from appliance.dicom.scu import send_folder
+
+    if not args.folder.is_dir():
+        print(f"not a folder: {args.folder}", file=sys.stderr)
+        return 2
+    report = send_folder(args.folder, args.host, args.port, args.aet, args.aec)
+    print(f"sent {report.sent} instance(s) in {report.series} series; {len(report.failed)} failed; "
+          f"{len(report.skipped)} non-DICOM file(s) skipped")
+    for path, why in report.failed[:20]:
+        print(f"  failed: {path}: {why}", file=sys.stderr)
+    return 0 if report.ok and report.sent else 1
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.file)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    sys.stdout.write(config_mod.to_toml(cfg))
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        config_mod.load(args.file)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _cmd_synth_ct(args: argparse.Namespace) -> int:
+    from appliance.synth.study import write_synthetic_ct
+
+    result = write_synthetic_ct(
+        args.out,
+        shape_zyx=args.shape,
+        dose_fraction=args.dose,
+        seed=args.seed,
+        fov_mm=args.fov,
+        slice_spacing_mm=args.slice_spacing,
+        uid_root=args.uid_root or config_mod.load(args.config).dicom.uid_root,
+        transfer_syntax=args.transfer_syntax,
+        signed=args.signed,
+    )
+    print(f"wrote {len(result.paths)} CT instances to {args.out} "
+          f"(series {result.series_uid}, dose {'noiseless' if args.dose is None else args.dose})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description="Scanner-side CT/MR inference appliance")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (SIGTERM drains and exits 0)")
+    run.add_argument("--config", type=Path, help="TOML file (default: $APPLIANCE_CONFIG, /etc/appliance/appliance.toml, built-in)")
+    run.add_argument("--log-level", default="INFO")
+    run.set_defaults(func=_cmd_run)
+
+    for name, helptext in (("echo", "C-ECHO a DICOM peer"), ("send", "C-STORE every DICOM file of a folder")):
+        c = sub.add_parser(name, help=helptext)
+        if name == "send":
+            c.add_argument("folder", type=Path)
+        c.add_argument("host")
+        c.add_argument("port", type=int)
+        c.add_argument("--aet", default="APPLIANCE_SCU", help="calling AE title")
+        c.add_argument("--aec", default="ANY-SCP", help="called AE title")
+        c.set_defaults(func=_cmd_echo if name == "echo" else _cmd_send)
+
+    cfg = sub.add_parser("config", help="show or check a configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    show = cfg_sub.add_parser("show", help="print the effective configuration as TOML")
+    show.add_argument("file", nargs="?", type=Path)
+    show.set_defaults(func=_cmd_config_show)
+    check = cfg_sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_cmd_config_check)
+
+    synth = sub.add_parser("synth", help="make synthetic studies")
+    synth_sub = synth.add_subparsers(dest="synth_command", required=True)
+    ct = synth_sub.add_parser("ct", help="a synthetic CT series of an anatomical phantom")
+    ct.add_argument("--out", type=Path, required=True)
+    ct.add_argument("--shape", type=_shape, default=(64, 512, 512), help="COLUMNSxROWSxSLICES (default 512x512x64)")
+    ct.add_argument("--dose", type=float, default=None,
+                    help="dose fraction in (0, 1] for simulated noise (1 = full dose); omit for a noiseless series")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--fov", type=float, default=400.0, help="in-plane field of view, mm")
+    ct.add_argument("--slice-spacing", type=float, default=2.5, help="mm")
+    ct.add_argument("--uid-root", default=None, help="UID prefix (default: dicom.uid_root of the configuration)")
+    ct.add_argument("--config", type=Path, default=None)
+    ct.add_argument("--transfer-syntax", default="1.2.840.10008.1.2.1", help="UID (default Explicit VR Little Endian)")
+    ct.add_argument("--signed", action="store_true", help="int16 pixels, intercept 0, instead of uint16 with -1024")
+    ct.set_defaults(func=_cmd_synth_ct)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dose", None) is not None and not 0 < args.dose <= 1:
+        print("--dose must be in (0, 1]", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2

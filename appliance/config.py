@@ -1,0 +1,216 @@
+"""The appliance's whole configuration: one pydantic model, loaded from TOML.
+
+Where the configuration comes from, first match wins:
+1. an explicit file (``--config FILE``),
+2. the file named by ``$APPLIANCE_CONFIG``,
+3. ``/etc/appliance/appliance.toml`` if it exists,
+4. the built-in default (every field has one), so the appliance starts with no file at all.
+
+Environment variables ``APPLIANCE_<SECTION>__<FIELD>`` override single fields of whatever was
+loaded, e.g. ``APPLIANCE_STORAGE__ROOT=/data/spool`` or ``APPLIANCE_NODE__PORT=104``; values are
+read as TOML literals where they parse as one (``11112``, ``true``, ``["A", "B"]``), else as strings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
+ENV_FILE = "APPLIANCE_CONFIG"
+ENV_PREFIX = "APPLIANCE_"
+
+
+class _Section(BaseModel):
+    # A misspelt key in a field engineer's file must be an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeConfig(_Section):
+    ae_title: str = Field("APPLIANCE", min_length=1, max_length=16)
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    max_pdu_bytes: int = Field(0, ge=0, description="0: unlimited")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_chars(cls, v: str) -> str:
+        if v != v.strip() or "\\" in v or not v.isprintable():
+            raise ValueError("AE title: up to 16 printable characters, no backslash, no leading/trailing spaces")
+        return v
+
+
+class PeersConfig(_Section):
+    """Who may send to the appliance. An empty list allows everyone."""
+
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    allowed_source_networks: list[str] = Field(
+        default_factory=list, description="IP addresses or CIDR networks, e.g. '10.0.0.0/8'"
+    )
+
+    @field_validator("allowed_source_networks")
+    @classmethod
+    def _networks_parse(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an IP address or network: {net!r}") from exc
+        return v
+
+    def source_allowed(self, address: str) -> bool:
+        if not self.allowed_source_networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_source_networks)
+
+    def calling_ae_allowed(self, ae_title: str) -> bool:
+        return not self.allowed_calling_ae_titles or ae_title.strip() in self.allowed_calling_ae_titles
+
+
+class StorageConfig(_Section):
+    root: Path = Path("/var/lib/appliance")
+    keep_rejected: bool = Field(True, description="keep refused instances under <root>/quarantine for inspection")
+
+
+class CompletionConfig(_Section):
+    """When a series counts as fully received."""
+
+    idle_seconds: float = Field(5.0, gt=0, description="complete after this long with no new instance")
+    expected_count_tags: list[str] = Field(
+        default_factory=lambda: ["NumberOfSeriesRelatedInstances"],
+        description="attributes that, when present, give the number of instances to expect; "
+        "the series completes as soon as that many have arrived",
+    )
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class LimitsConfig(_Section):
+    max_instances_per_series: int = Field(5000, ge=1)
+    max_bytes_per_instance: int = Field(512 * 1024 * 1024, ge=1024)
+    free_space_reserve_bytes: int = Field(
+        512 * 1024 * 1024, ge=0, description="refuse instances (0xA700) rather than fill the disk below this"
+    )
+
+
+class AssemblyConfig(_Section):
+    spacing_tolerance_mm: float = Field(0.01, gt=0, description="absolute tolerance on slice spacing")
+    spacing_tolerance_fraction: float = Field(0.01, gt=0, description="relative tolerance on slice spacing")
+    orientation_tolerance: float = Field(1e-4, gt=0, description="max difference of direction cosines")
+    max_gantry_tilt_deg: float = Field(30.0, ge=0, description="larger tilts are refused")
+
+
+class DicomConfig(_Section):
+    uid_root: str = Field(
+        "1.2.826.0.1.3680043.8.498.",
+        description="UID prefix for UIDs the appliance makes; pydicom's root by default: set your organisation's",
+    )
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root_form(cls, v: str) -> str:
+        body = v[:-1]
+        if not v.endswith(".") or not body or len(v) > 40 or not all(p.isdigit() for p in body.split(".")):
+            raise ValueError("uid_root: dotted digits ending in '.', at most 40 characters")
+        return v
+
+
+class ApplianceConfig(_Section):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    peers: PeersConfig = Field(default_factory=PeersConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    completion: CompletionConfig = Field(default_factory=CompletionConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+def _format_validation(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s)"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key or key == ENV_FILE:
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse(text: str, source: str = "<config>", environ: dict[str, str] | None = None) -> ApplianceConfig:
+    """Parse TOML text into a validated configuration (env overrides applied when ``environ`` is given)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    if environ is not None:
+        data = _merge(data, _env_overrides(environ))
+    try:
+        return ApplianceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(source, exc)) from exc
+
+
+def resolve_path(path: str | Path | None, environ: dict[str, str] | None = None) -> Path | None:
+    """The file that configures this run, or None for the built-in default."""
+    env = os.environ if environ is None else environ
+    if path is not None:
+        return Path(path)
+    if env.get(ENV_FILE):
+        return Path(env[ENV_FILE])
+    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
+
+
+def load(path: str | Path | None = None, environ: dict[str, str] | None = None) -> ApplianceConfig:
+    """Load the effective configuration (see the module docstring for the order)."""
+    env = dict(os.environ if environ is None else environ)
+    resolved = resolve_path(path, env)
+    if resolved is None:
+        return parse("", "<built-in default>", env)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{resolved}: cannot read: {exc.strerror or exc}") from exc
+    return parse(text, str(resolved), env)
+
+
+def to_toml(cfg: ApplianceConfig) -> str:
+    """The configuration as TOML a field engineer can edit and load back."""
+    return tomli_w.dumps(cfg.model_dump(mode="json"))

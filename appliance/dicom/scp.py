@@ -1,0 +1,158 @@
+"""The Storage SCP: a thin skin of pynetdicom event handlers.
+
+Each handler does one thing and returns a DICOM status. C-STORE checks the header
+(`validate.read_header`), writes the instance to the spool and returns: no pixel decoding and no
+heavy work on the association thread. Peers not allowed by the configuration are refused at
+association time (A-ASSOCIATE-RJ).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+
+from appliance.config import ApplianceConfig
+from appliance.dicom.sop import STORAGE_SOP_CLASSES, accepted_transfer_syntaxes
+from appliance.dicom.spool import Spool, StoreOutcome
+from appliance.dicom.validate import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, InstanceRefused, read_header
+from appliance.logging import get_logger
+
+log = get_logger(__name__)
+
+# The received dataset arrives as a file on disk (event.dataset_path), not decoded in memory.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+# A-ASSOCIATE-RJ: (result, source, diagnostic), PS3.8 9.3.4
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+_REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+
+StoredCallback = Callable[[StoreOutcome, str], None]
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]  # LO: 64 characters
+    return ds
+
+
+class StorageSCP:
+    """Accepts C-ECHO and C-STORE into the spool. ``on_stored(outcome, series_uid)`` is called
+    after every successful store (from the association thread: keep it cheap)."""
+
+    def __init__(self, cfg: ApplianceConfig, spool: Spool, on_stored: StoredCallback | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.on_stored = on_stored
+        self.ae = self._make_ae()
+        self._server = None
+
+    def _make_ae(self) -> AE:
+        node = self.cfg.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        syntaxes = accepted_transfer_syntaxes()
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        return ae
+
+    @property
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        node = self.cfg.node
+        self._server = self.ae.start_server(
+            (node.bind_address, node.port), block=False, evt_handlers=self.handlers
+        )
+        log.info(
+            "scp.listening",
+            ae_title=node.ae_title,
+            address=node.bind_address,
+            port=self.port,
+            transfer_syntaxes=len(accepted_transfer_syntaxes()),
+        )
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.cfg.node.port
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting, let running associations finish (up to the timeout), then abort the rest."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        active = server.active_associations
+        server.shutdown()
+        deadline = time.monotonic() + drain_timeout_s
+        for assoc in active:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        leftover = [a for a in active if a.is_alive()]
+        for assoc in leftover:
+            assoc.abort()
+        log.info("scp.stopped", drained=len(active) - len(leftover), aborted=len(leftover))
+
+    # ---- handlers --------------------------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else str(requestor.ae_title)
+        peers = self.cfg.peers
+        if not peers.source_allowed(requestor.address):
+            log.warning("scp.association_rejected", reason="source_not_allowed", calling_ae=calling,
+                        peer_address=requestor.address)
+            event.assoc.acse.send_reject(*_REJECT_NO_REASON)
+        elif not peers.calling_ae_allowed(calling):
+            log.warning("scp.association_rejected", reason="calling_ae_not_allowed", calling_ae=calling,
+                        peer_address=requestor.address)
+            event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title.strip()
+        address = requestor.address
+        path = Path(event.dataset_path)
+        request = event.request
+        try:
+            header = read_header(
+                path,
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                self.cfg.completion.expected_count_tags,
+            )
+            outcome = self.spool.store(path, header, calling, address)
+        except InstanceRefused as refusal:
+            log.warning("scp.instance_refused", reason=refusal.reason, detail=refusal.detail,
+                        status=f"0x{refusal.status:04X}", calling_ae=calling,
+                        sop_instance_uid=str(request.AffectedSOPInstanceUID))
+            self.spool.record_refused(path, refusal.reason, refusal.detail, calling, address)
+            return _status(refusal.status, f"{refusal.reason}: {refusal.detail}")
+        except OSError as exc:
+            log.error("scp.store_failed", error=str(exc), calling_ae=calling)
+            return _status(STATUS_OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}")
+        except Exception as exc:  # never let one instance take the association down unanswered
+            log.exception("scp.store_failed", calling_ae=calling)
+            return _status(STATUS_CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}")
+        log.debug("scp.stored", kind=outcome.kind, series_uid=header.series_uid,
+                  sop_instance_uid=header.sop_instance_uid)
+        if self.on_stored is not None:
+            self.on_stored(outcome, header.series_uid)
+        return 0x0000

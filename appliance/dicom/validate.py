@@ -1,0 +1,168 @@
+"""Cheap checks on a received instance, before it is acknowledged.
+
+Runs on the association thread, so it reads only the header and the declared element lengths
+(large values stay on disk); it never decodes pixel data. What it cannot accept it refuses with
+an `InstanceRefused` carrying the DICOM status and a coded reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+# C-STORE failure statuses (PS3.4 Annex B.2.3)
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA = Tag("PixelData")
+_DEFER_BYTES = 64 * 1024
+
+
+class InstanceRefused(Exception):
+    """An instance the appliance will not store; ``status`` goes back to the sender."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the spool indexes about one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    transfer_syntax_uid: str
+    expected_count: int | None  # instances expected in the series, if the sender says
+
+
+def _check_lengths(ds: Dataset, file_size: int) -> None:
+    """A truncated file: some top-level element declares more bytes than the file holds."""
+    for tag in ds.keys():
+        el = ds.get_item(tag, keep_deferred=True)
+        length = getattr(el, "length", None)
+        if length is None or length == _UNDEFINED_LENGTH:
+            continue
+        if el.value is None:  # deferred: still on disk, check it fits in the file
+            end = el.value_tell + length
+            if end > file_size:
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND,
+                    "truncated",
+                    f"element {Tag(tag)} declares {length} bytes, the file ends {end - file_size} bytes short",
+                )
+        elif len(el.value) != length:
+            raise InstanceRefused(
+                STATUS_CANNOT_UNDERSTAND,
+                "truncated",
+                f"element {Tag(tag)} declares {length} bytes, {len(el.value)} received",
+            )
+
+
+def expected_pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes of native (uncompressed) pixel data the image attributes call for, or None if unknown."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    total_bits = rows * cols * samples * frames * bits
+    return (total_bits + 7) // 8
+
+
+def _check_pixel_length(ds: Dataset, transfer_syntax: pydicom.uid.UID) -> None:
+    if _PIXEL_DATA not in ds or transfer_syntax.is_encapsulated:
+        return
+    el = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    length = getattr(el, "length", None)
+    if length is None:
+        return
+    if transfer_syntax.is_deflated:
+        return  # lengths inside a deflated stream were checked by the parse itself
+    want = expected_pixel_bytes(ds)
+    if want is None:
+        raise InstanceRefused(
+            STATUS_DATASET_MISMATCH, "missing_attribute", "pixel data without Rows/Columns/BitsAllocated"
+        )
+    if length not in (want, want + (want % 2)):
+        raise InstanceRefused(
+            STATUS_DATASET_MISMATCH,
+            "pixel_data_length",
+            f"pixel data holds {length} bytes, Rows x Columns x frames x samples x bits calls for {want}",
+        )
+
+
+def _expected_count(ds: Dataset, tags: list[str]) -> int | None:
+    for keyword in tags:
+        value = ds.get(keyword)
+        try:
+            n = int(value) if value not in (None, "") else 0
+        except (TypeError, ValueError):
+            continue
+        if n > 0:
+            return n
+    return None
+
+
+def read_header(
+    path: Path, context_sop_class: str, context_sop_instance: str, expected_count_tags: list[str]
+) -> InstanceHeader:
+    """Parse and check a received Part-10 file; raises `InstanceRefused` with the status to answer."""
+    file_size = os.path.getsize(path)
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        transfer_syntax = ds.file_meta.TransferSyntaxUID
+        _ = ds.get("SOPClassUID")  # forces the parse of the leading elements
+    except InstanceRefused:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage; all mean the same to the sender
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "unparseable", f"{type(exc).__name__}: {exc}") from exc
+    _check_lengths(ds, file_size)
+
+    sop_class = str(ds.get("SOPClassUID", "")).strip()
+    sop_instance = str(ds.get("SOPInstanceUID", "")).strip()
+    if sop_class != context_sop_class.strip():
+        raise InstanceRefused(
+            STATUS_DATASET_MISMATCH,
+            "sop_class_mismatch",
+            f"dataset SOPClassUID {sop_class or '(none)'} but sent as {context_sop_class}",
+        )
+    if sop_instance != context_sop_instance.strip():
+        raise InstanceRefused(
+            STATUS_DATASET_MISMATCH,
+            "sop_instance_mismatch",
+            f"dataset SOPInstanceUID {sop_instance or '(none)'} but sent as {context_sop_instance}",
+        )
+    missing = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID") if not str(ds.get(kw, "")).strip()]
+    if missing:
+        raise InstanceRefused(STATUS_DATASET_MISMATCH, "missing_attribute", f"missing {', '.join(missing)}")
+    try:
+        _check_pixel_length(ds, transfer_syntax)
+    except InstanceRefused:
+        raise
+    except Exception as exc:
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "unparseable", f"{type(exc).__name__}: {exc}") from exc
+
+    return InstanceHeader(
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        study_uid=str(ds.StudyInstanceUID).strip(),
+        series_uid=str(ds.SeriesInstanceUID).strip(),
+        modality=str(ds.get("Modality", "") or ""),
+        transfer_syntax_uid=str(transfer_syntax),
+        expected_count=_expected_count(ds, expected_count_tags),
+    )

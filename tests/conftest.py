@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ApplianceConfig
+from tests.helpers import free_port
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> ApplianceConfig:
+    """A configuration for tests: storage under tmp_path, any free port, fast completion."""
+    c = ApplianceConfig()
+    c.storage.root = tmp_path / "spool"
+    c.node.bind_address = "127.0.0.1"
+    c.node.port = free_port()
+    c.completion.idle_seconds = 1.0
+    c.completion.poll_interval_s = 0.1
+    c.limits.free_space_reserve_bytes = 0
+    return c

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, MRImageStorage
+
+from appliance.dicom.validate import InstanceRefused, read_header
+from appliance.synth.series import axial_geometry
+from tests.helpers import ramp_volume, write_series
+
+
+@pytest.fixture
+def one(tmp_path: Path) -> Path:
+    hu = ramp_volume((1, 16, 16))
+    return write_series(tmp_path / "src", hu, axial_geometry(hu.shape, 1.0, 2.0))[0]
+
+
+def _refusal(path: Path, sop_class=CTImageStorage, sop_instance=None) -> InstanceRefused:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    with pytest.raises(InstanceRefused) as err:
+        read_header(path, sop_class, sop_instance or ds.SOPInstanceUID, [])
+    return err.value
+
+
+def test_good_instance_header(one):
+    ds = pydicom.dcmread(one)
+    h = read_header(one, CTImageStorage, ds.SOPInstanceUID, ["ImagesInAcquisition"])
+    assert h.series_uid == ds.SeriesInstanceUID and h.expected_count == 1 and h.modality == "CT"
+
+
+@pytest.mark.parametrize("cut", [1, 10, 300])
+def test_truncated_file_cannot_be_understood(one, cut):
+    data = one.read_bytes()
+    one.write_bytes(data[:-cut])
+    r = _refusal(one)
+    assert (r.status, r.reason) == (0xC000, "truncated")
+
+
+def test_sop_class_not_matching_context(one):
+    r = _refusal(one, sop_class=MRImageStorage)
+    assert (r.status, r.reason) == (0xA900, "sop_class_mismatch")
+
+
+def test_sop_instance_not_matching_request(one):
+    r = _refusal(one, sop_instance="1.2.3.4")
+    assert (r.status, r.reason) == (0xA900, "sop_instance_mismatch")
+
+
+def test_pixel_data_of_wrong_length(one):
+    ds = pydicom.dcmread(one)
+    ds.PixelData = ds.PixelData[:-64]  # a consistent element, but too short for 16x16x16 bits
+    ds.save_as(one, enforce_file_format=True)
+    r = _refusal(one)
+    assert (r.status, r.reason) == (0xA900, "pixel_data_length")
+
+
+def test_missing_series_uid(one):
+    ds = pydicom.dcmread(one)
+    del ds.SeriesInstanceUID
+    ds.save_as(one, enforce_file_format=True)
+    r = _refusal(one)
+    assert r.reason == "missing_attribute" and "SeriesInstanceUID" in r.detail
+
+
+def test_garbage_is_unparseable(tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 40)
+    r = _refusal(bad, sop_instance="1.2.3")
+    assert r.status == 0xC000
