@@ -111,16 +111,24 @@ class StorageSCP:
     # ---- handlers --------------------------------------------------------------------------
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        calling = requestor.ae_title.strip() if isinstance(requestor.ae_title, str) else str(requestor.ae_title)
+        # requestor.ae_title is only filled in during negotiation, after this event: read the request.
+        calling = str(requestor.primitive.calling_ae_title).strip()
         peers = self.cfg.peers
         if not peers.source_allowed(requestor.address):
-            log.warning("scp.association_rejected", reason="source_not_allowed", calling_ae=calling,
-                        peer_address=requestor.address)
-            event.assoc.acse.send_reject(*_REJECT_NO_REASON)
+            self._reject(event, "source_not_allowed", calling, _REJECT_NO_REASON)
         elif not peers.calling_ae_allowed(calling):
-            log.warning("scp.association_rejected", reason="calling_ae_not_allowed", calling_ae=calling,
-                        peer_address=requestor.address)
-            event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+            self._reject(event, "calling_ae_not_allowed", calling, _REJECT_CALLING_AE)
+
+    @staticmethod
+    def _reject(event: evt.Event, reason: str, calling: str, rsd: tuple[int, int, int]) -> None:
+        log.warning("scp.association_rejected", reason=reason, calling_ae=calling,
+                    peer_address=event.assoc.requestor.address)
+        assoc = event.assoc
+        # As pynetdicom's own acceptor does: queue the A-ASSOCIATE-RJ, let the DUL send it and
+        # stop, and mark the association rejected so no negotiation follows.
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()
+        assoc.is_rejected = True
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
