@@ -89,6 +89,7 @@ def _cmd_synth_ct(args: argparse.Namespace) -> int:
         uid_root=args.uid_root or config_mod.load(args.config).dicom.uid_root,
         transfer_syntax=args.transfer_syntax,
         signed=args.signed,
+        z_start_mm=args.z_start,
     )
     print(f"wrote {len(result.paths)} CT instances to {args.out} "
           f"(series {result.series_uid}, dose {'noiseless' if args.dose is None else args.dose})")
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--seed", type=int, default=0)
     ct.add_argument("--fov", type=float, default=400.0, help="in-plane field of view, mm")
     ct.add_argument("--slice-spacing", type=float, default=2.5, help="mm")
+    ct.add_argument("--z-start", type=float, default=0.0,
+                    help="mm below the lung apex where the slab starts (~180 reaches liver and kidneys)")
     ct.add_argument("--uid-root", default=None, help="UID prefix (default: dicom.uid_root of the configuration)")
     ct.add_argument("--config", type=Path, default=None)
     ct.add_argument("--transfer-syntax", default="1.2.840.10008.1.2.1", help="UID (default Explicit VR Little Endian)")
