@@ -65,6 +65,9 @@ def test_echo_and_a_series_is_stored_and_assembled(tmp_path, daemon):
     uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
     row = _wait_state(daemon, uid)
     assert row.state == ASSEMBLED and row.instance_count == len(paths)
+    deadline = time.monotonic() + 5  # the index is updated just before the hand-on
+    while not daemon.assembled and time.monotonic() < deadline:
+        time.sleep(0.02)
     (vol,) = daemon.assembled[0][1].volumes
     np.testing.assert_array_equal(vol.voxels, hu[::-1])
 
