@@ -17,10 +17,11 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+import re
+from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 ENV_FILE = "APPLIANCE_CONFIG"
@@ -128,6 +129,69 @@ class DicomConfig(_Section):
         return v
 
 
+class Destination(_Section):
+    """A DICOM peer that receives derived series (console, PACS)."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, max_length=16, description="default: node.ae_title")
+
+
+class RouteRule(_Section):
+    """Which pipeline a series goes through and where its result goes. Rules are tried in order;
+    the first whose every given condition matches wins. Empty conditions match anything."""
+
+    name: str = ""
+    calling_ae_titles: list[str] = Field(default_factory=list)
+    modalities: list[str] = Field(default_factory=list)
+    series_description: str | None = Field(None, description="regular expression, case-insensitive search")
+    protocol_name: str | None = Field(None, description="regular expression, case-insensitive search")
+    pipeline: str
+    destinations: list[str] = Field(default_factory=list)
+
+    @field_validator("series_description", "protocol_name")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
+        return v
+
+
+class DerivedConfig(_Section):
+    series_number_offset: int = Field(1000, ge=0, description="derived SeriesNumber = source + offset")
+
+
+class PipelineConfig(_Section):
+    on_failure: Literal["fail", "passthrough"] = Field(
+        "fail", description="after the retry: report only, or also send the original volume as derived"
+    )
+    max_attempts: int = Field(2, ge=1, description="a failing job is tried this many times")
+
+
+class ExportConfig(_Section):
+    retry_initial_s: float = Field(2.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    give_up_after_s: float = Field(24 * 3600.0, gt=0, description="then job.failed (export_gave_up)")
+    release_sources: Literal["delete", "keep"] = Field(
+        "delete", description="what happens to received instances once every destination stored the result"
+    )
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class EventsConfig(_Section):
+    enabled: bool = True
+    endpoint: str = "tcp://127.0.0.1:5556"
+    send_hwm: int = Field(10000, ge=1)
+    include_results: bool = Field(False, description="attach result volumes (raw float32) to job.done")
+    health_interval_s: float = Field(10.0, gt=0)
+    curve_secret_key_file: Path | None = Field(None, description="server certificate (zmq.auth format)")
+    curve_clients_dir: Path | None = Field(None, description="public certificates of allowed subscribers")
+
+
 class ApplianceConfig(_Section):
     node: NodeConfig = Field(default_factory=NodeConfig)
     peers: PeersConfig = Field(default_factory=PeersConfig)
@@ -136,6 +200,24 @@ class ApplianceConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
+    destinations: dict[str, Destination] = Field(
+        default_factory=lambda: {"console": Destination(ae_title="CONSOLE", host="127.0.0.1", port=11113)}
+    )
+    routes: list[RouteRule] = Field(
+        default_factory=lambda: [RouteRule(name="default", pipeline="passthrough", destinations=["console"])]
+    )
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    derived: DerivedConfig = Field(default_factory=DerivedConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+
+    @model_validator(mode="after")
+    def _routes_name_known_destinations(self) -> ApplianceConfig:
+        for i, rule in enumerate(self.routes):
+            unknown = [d for d in rule.destinations if d not in self.destinations]
+            if unknown:
+                raise ValueError(f"routes[{i}] ({rule.name or rule.pipeline}): unknown destination(s) {unknown}")
+        return self
 
 
 class ConfigError(Exception):
@@ -213,4 +295,4 @@ def load(path: str | Path | None = None, environ: dict[str, str] | None = None) 
 
 def to_toml(cfg: ApplianceConfig) -> str:
     """The configuration as TOML a field engineer can edit and load back."""
-    return tomli_w.dumps(cfg.model_dump(mode="json"))
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))  # TOML has no null

@@ -71,3 +71,18 @@ def test_cli_config_check_reports_a_bad_file(tmp_path: Path):
     good.write_text(_cli("config", "show").stdout)
     res = _cli("config", "check", str(good))
     assert res.returncode == 0, res.stderr
+
+
+def test_route_to_an_unknown_destination_is_refused():
+    with pytest.raises(config.ConfigError) as err:
+        config.parse('[[routes]]\npipeline = "passthrough"\ndestinations = ["pacs"]\n')
+    assert "unknown destination" in str(err.value) and "pacs" in str(err.value)
+
+
+def test_destinations_and_routes_from_toml():
+    cfg = config.parse(
+        '[destinations.pacs]\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n'
+        '[[routes]]\nmodalities = ["CT"]\nseries_description = "low ?dose"\npipeline = "denoise"\n'
+        'destinations = ["pacs"]\n'
+    )
+    assert cfg.destinations["pacs"].port == 104 and cfg.routes[0].pipeline == "denoise"
