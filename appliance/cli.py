@@ -96,6 +96,46 @@ def _cmd_synth_ct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_process(args: argparse.Namespace) -> int:
+    from appliance.process import process_folder
+
+    if not args.input.is_dir():
+        print(f"not a folder: {args.input}", file=sys.stderr)
+        return 2
+    try:
+        report = process_folder(args.input, args.output, args.pipeline, config_mod.load(args.config))
+    except KeyError as exc:
+        print(exc.args[0], file=sys.stderr)
+        return 2
+    for uid, files in report.written.items():
+        stage_s = ", ".join(f"{k} {v:.3f} s" for k, v in report.timings[uid].items())
+        print(f"wrote {len(files)} instance(s) of derived series {uid} to {args.output / uid} ({stage_s})")
+    for uid, reasons in report.rejected.items():
+        print(f"series {uid} not processed: {'; '.join(reasons)}", file=sys.stderr)
+    if not report.written and not report.rejected:
+        print(f"no DICOM images found in {args.input} ({len(report.skipped)} other file(s))", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _cmd_events_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from appliance.events import schema
+
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
+def _cmd_events_tail(args: argparse.Namespace) -> int:
+    from appliance.events import tail
+
+    try:
+        tail(args.endpoint, topics=args.topic or (), count=args.count, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance", description="Scanner-side CT/MR inference appliance")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -124,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a configuration file")
     check.add_argument("file", type=Path)
     check.set_defaults(func=_cmd_config_check)
+
+    proc = sub.add_parser("process", help="run a pipeline on a folder of DICOM files, no network")
+    proc.add_argument("--pipeline", default="passthrough")
+    proc.add_argument("--config", type=Path, default=None)
+    proc.add_argument("input", type=Path)
+    proc.add_argument("output", type=Path)
+    proc.set_defaults(func=_cmd_process)
+
+    events = sub.add_parser("events", help="the ZeroMQ event stream")
+    events_sub = events.add_subparsers(dest="events_command", required=True)
+    es = events_sub.add_parser("schema", help="print the JSON Schema of every event")
+    es.set_defaults(func=_cmd_events_schema)
+    et = events_sub.add_parser("tail", help="print events as they happen")
+    et.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556")
+    et.add_argument("--topic", action="append", help="only these topics (repeatable)")
+    et.add_argument("--count", type=int, default=None, help="stop after this many events")
+    et.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    et.set_defaults(func=_cmd_events_tail)
 
     synth = sub.add_parser("synth", help="make synthetic studies")
     synth_sub = synth.add_subparsers(dest="synth_command", required=True)

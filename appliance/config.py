@@ -249,10 +249,17 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``over`` applied to ``base``; a table ``over`` reaches into that ``base`` lacks starts from
+    its default, so APPLIANCE_DESTINATIONS__CONSOLE__PORT changes one field of the default table."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict):
+            start = out.get(k) if isinstance(out.get(k), dict) else defaults.get(k)
+            out[k] = _merge(start if isinstance(start, dict) else {}, v,
+                            defaults.get(k) if isinstance(defaults.get(k), dict) else {})
+        else:
+            out[k] = v
     return out
 
 
@@ -263,7 +270,8 @@ def parse(text: str, source: str = "<config>", environ: dict[str, str] | None = 
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     if environ is not None:
-        data = _merge(data, _env_overrides(environ))
+        defaults = ApplianceConfig().model_dump(mode="json", exclude_none=True)
+        data = _merge(data, _env_overrides(environ), defaults)
     try:
         return ApplianceConfig.model_validate(data)
     except ValidationError as exc:

@@ -1,9 +1,11 @@
-"""The daemon: wires the SCP, the spool, series completion and assembly.
+"""The daemon: wires the data path, one way, each hand-over a plain call or durable state.
 
-Data moves one way: SCP -> spool -> completion -> assembler -> ``on_assembled`` (the pipeline's
-entry point). Every hand-over is either a plain call or durable state in the spool's index, so a
-restart resumes where the previous process stopped: series still receiving keep their timers,
-completed series not yet assembled are assembled again.
+    SCP -> spool -> completion -> assembler -> routing -> job queue -> worker (stages, derive)
+        -> outbox -> exporter (C-STORE) -> release of the received instances
+
+Every hand-over is recorded in SQLite (spool index, jobs, outbox), so a restart resumes where the
+previous process stopped. Events go to ZeroMQ as they happen; they are notifications, the SQLite
+state is the record.
 """
 
 from __future__ import annotations
@@ -12,36 +14,64 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from datetime import datetime, timezone
 
+from appliance import __version__
 from appliance.config import ApplianceConfig
 from appliance.dicom.assemble import Assembly, assemble_series
 from appliance.dicom.completion import CompletionWatcher
+from appliance.dicom.export import Entry, Exporter, Outbox
 from appliance.dicom.scp import StorageSCP
 from appliance.dicom.spool import ASSEMBLED, REJECTED, SeriesRow, Spool, StoreOutcome
+from appliance.events import ExportDone, Health, JobFailed, JobQueued, Publisher, SeriesReceived, SeriesRejected
 from appliance.logging import get_logger
+from appliance.pipeline import stages
+from appliance.pipeline.jobs import DONE, EXPORTING, QUEUED, RUNNING, Job, JobQueue
+from appliance.pipeline.routing import route
+from appliance.pipeline.worker import Worker
+from appliance import sdnotify
 
 log = get_logger(__name__)
 
-AssembledCallback = Callable[[SeriesRow, Assembly], None]
+
+def _utc(ts: float | None) -> datetime:
+    return datetime.fromtimestamp(ts if ts is not None else time.time(), tz=timezone.utc)
 
 
 class Daemon:
-    def __init__(self, cfg: ApplianceConfig, on_assembled: AssembledCallback | None = None) -> None:
+    def __init__(self, cfg: ApplianceConfig) -> None:
         self.cfg = cfg
-        self.on_assembled = on_assembled
-        self.spool = Spool(cfg.storage.root, cfg.limits, keep_refused=cfg.storage.keep_rejected)
+        unknown = sorted({r.pipeline for r in cfg.routes} - set(stages.available()))
+        if unknown:
+            raise ValueError(f"routes name unknown pipeline(s) {unknown}; available: {stages.available()}")
+        root = cfg.storage.root
+        self.spool = Spool(root, cfg.limits, keep_refused=cfg.storage.keep_rejected)
+        self.jobs = JobQueue(root / "jobs.sqlite")
+        self.outbox = Outbox(root)
+        self.publisher = Publisher(cfg.events, appliance=cfg.node.ae_title)
         self.scp = StorageSCP(cfg, self.spool, on_stored=self._on_stored)
         self.watcher = CompletionWatcher(self.spool, cfg.completion, on_complete=self._on_complete)
+        self.worker = Worker(cfg, self.spool, self.jobs, self.outbox, self.publisher, on_exporting=self._on_exporting)
+        self.exporter = Exporter(self.outbox, cfg.destinations, cfg.export, cfg.node.ae_title,
+                                 on_sent=self._on_export_sent, on_gave_up=self._on_export_gave_up)
         self._assembly_queue: queue.Queue[SeriesRow | None] = queue.Queue()
         self._assembler: threading.Thread | None = None
+        self._health: threading.Thread | None = None
+        self._watchdog = sdnotify.Watchdog(self.healthy)
+        self._started_at = time.monotonic()
         self._stopped = threading.Event()
 
-    # ---- wiring ----------------------------------------------------------------------------
+    # ---- receive -> assemble -> queue ------------------------------------------------------
     def _on_stored(self, outcome: StoreOutcome, series_uid: str) -> None:
         self.watcher.notify()
 
     def _on_complete(self, row: SeriesRow) -> None:
+        self.publisher.publish(SeriesReceived(
+            study_uid=row.study_uid, series_uid=row.series_uid, instances=row.instance_count,
+            calling_ae=row.calling_ae, modality=row.modality, received_first=_utc(row.first_received),
+            received_last=_utc(row.last_received), completed_at=_utc(None),
+            why="expected_count" if row.expected_count and row.instance_count >= row.expected_count else "idle",
+        ))
         self._assembly_queue.put(row)
 
     def _assemble_loop(self) -> None:
@@ -57,55 +87,154 @@ class Daemon:
     def assemble(self, row: SeriesRow) -> Assembly:
         t0 = time.perf_counter()
         result = assemble_series(self.spool.instance_paths(row.series_uid), self.cfg.assembly)
-        elapsed = time.perf_counter() - t0
+        assemble_s = time.perf_counter() - t0
         if result.rejected:
             reasons = sorted({r.reason for r in result.rejections})
-            moved = self.spool.set_series_state(row.series_uid, REJECTED, ",".join(reasons), row.generation)
+            self.spool.set_series_state(row.series_uid, REJECTED, ",".join(reasons), row.generation)
             log.warning("series.rejected", series_uid=row.series_uid, reasons=reasons,
-                        details=[r.detail for r in result.rejections][:5], assemble_s=round(elapsed, 3))
-        else:
-            partial = ",".join(sorted({r.reason for r in result.rejections})) or None
-            moved = self.spool.set_series_state(row.series_uid, ASSEMBLED, partial, row.generation)
-            log.info("series.assembled", series_uid=row.series_uid,
-                     volumes=[{"label": v.label, "shape": list(v.shape), "units": v.units} for v in result.volumes],
-                     rejected_parts=len(result.rejections), assemble_s=round(elapsed, 3))
-        if not moved:
-            log.info("series.superseded", series_uid=row.series_uid, note="new instances arrived during assembly")
-        elif self.on_assembled is not None:
-            self.on_assembled(row, result)
+                        details=[r.detail for r in result.rejections][:5], assemble_s=round(assemble_s, 3))
+            self.publisher.publish(SeriesRejected(study_uid=row.study_uid, series_uid=row.series_uid,
+                                                  reasons=reasons, details=[r.detail for r in result.rejections]))
+            return result
+        created = self._enqueue(row, result, assemble_s)
+        partial = ",".join(sorted({r.reason for r in result.rejections})) or None
+        if not self.spool.set_series_state(row.series_uid, ASSEMBLED, partial, row.generation):
+            # New instances arrived meanwhile: the next completion makes fresh jobs.
+            for job in created:
+                self.jobs.failed(job.id, "superseded", "new instances arrived during assembly")
+            log.info("series.superseded", series_uid=row.series_uid)
+            return result
+        log.info("series.assembled", series_uid=row.series_uid, assemble_s=round(assemble_s, 3),
+                 volumes=[{"label": v.label, "shape": list(v.shape), "units": v.units} for v in result.volumes],
+                 rejected_parts=len(result.rejections), jobs=[j.id for j in created])
+        if created:
+            self.worker.notify()
         return result
+
+    def _enqueue(self, row: SeriesRow, result: Assembly, assemble_s: float) -> list[Job]:
+        created = []
+        for volume in result.volumes:
+            rule = route(self.cfg.routes, row.calling_ae, volume.header)
+            if rule is None:
+                log.warning("series.unrouted", series_uid=row.series_uid, label=volume.label,
+                            note="no routing rule matches; the series stays in the spool")
+                continue
+            job, new = self.jobs.enqueue(
+                series_uid=row.series_uid, generation=row.generation, label=volume.label,
+                study_uid=row.study_uid, calling_ae=row.calling_ae, pipeline=rule.pipeline,
+                destinations=rule.destinations, received_first=row.first_received,
+                received_last=row.last_received, completed_at=self.spool.series(row.series_uid).completed_at,
+            )
+            if not new:
+                continue
+            created.append(job)
+            self.publisher.publish(JobQueued(
+                study_uid=row.study_uid, series_uid=row.series_uid, job_id=job.id, pipeline=job.pipeline,
+                label=job.label, shape=list(volume.shape), queued_at=_utc(job.queued_at),
+            ))
+            self.worker.submit(job, volume)
+        return created
+
+    # ---- export -> release -----------------------------------------------------------------
+    def _on_exporting(self, job: Job) -> None:
+        if not job.destinations:
+            self.jobs.done(job.id)
+            log.info("job.done", job_id=job.id, note="no destinations: nothing to send, sources kept")
+            return
+        self.exporter.notify()
+
+    def _on_export_sent(self, entry: Entry) -> None:
+        job = self.jobs.get(entry.job_id)
+        end_to_end = time.time() - job.received_first if job and job.received_first else None
+        self.publisher.publish(ExportDone(
+            study_uid=job.study_uid if job else None, series_uid=job.series_uid if job else None,
+            job_id=entry.job_id, destination=entry.destination, derived_series_uid=entry.derived_series_uid,
+            instances=self.outbox.instance_count(entry.id), attempts=entry.attempts,
+            seconds=entry.seconds or 0.0, end_to_end_s=end_to_end,
+        ))
+        if job is None or any(e.state != "sent" for e in self.outbox.for_job(job.id)):
+            return
+        self.jobs.done(job.id)
+        self.outbox.remove_files(entry.derived_series_uid)
+        log.info("job.delivered", job_id=job.id, end_to_end_s=round(end_to_end or 0, 3))
+        self._maybe_release(job)
+
+    def _maybe_release(self, job: Job) -> None:
+        siblings = self.jobs.for_series(job.series_uid, job.generation)
+        if self.cfg.export.release_sources != "delete" or any(j.state != DONE for j in siblings):
+            return
+        removed = self.spool.release(job.series_uid, job.generation)
+        log.info("series.released", series_uid=job.series_uid, instances_removed=removed)
+
+    def _on_export_gave_up(self, entry: Entry) -> None:
+        job = self.jobs.get(entry.job_id)
+        detail = f"{entry.destination}: {entry.last_error} (after {entry.attempts} attempts)"
+        if job is not None:
+            self.jobs.failed(job.id, "export_gave_up", detail)
+        self.publisher.publish(JobFailed(
+            study_uid=job.study_uid if job else None, series_uid=job.series_uid if job else None,
+            job_id=entry.job_id, reason="export_gave_up", detail=detail, pipeline=job.pipeline if job else None,
+        ))
+
+    # ---- health ----------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        """For the systemd watchdog: every thread of the data path is alive."""
+        assembler_alive = self._assembler is not None and self._assembler.is_alive()
+        return (assembler_alive and self.worker.alive and self.exporter.alive and self.watcher.alive
+                and not self._stopped.is_set())
+
+    def _health_loop(self) -> None:
+        while not self._stopped.wait(self.cfg.events.health_interval_s):
+            try:
+                self.publisher.publish(Health(
+                    version=__version__, uptime_s=time.monotonic() - self._started_at,
+                    queued_jobs=self.jobs.count(QUEUED, RUNNING), pending_exports=self.outbox.pending_count(),
+                    free_bytes=self.spool.free_bytes(),
+                ))
+            except Exception:
+                log.exception("health.failed")
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.spool.open()
+        self.jobs.open()
+        self.outbox.open()
+        self.publisher.start()
         self._assembler = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
         self._assembler.start()
+        self.worker.start()
+        self.exporter.start()
         self.watcher.resume_after_restart()
         self.watcher.start()
         self.scp.start()
-        log.info("daemon.started", storage_root=str(self.cfg.storage.root), port=self.scp.port)
+        self._health = threading.Thread(target=self._health_loop, name="health", daemon=True)
+        self._health.start()
+        sdnotify.notify("READY=1")
+        sdnotify.notify(f"STATUS=listening on port {self.scp.port}")
+        self._watchdog.start()
+        log.info("daemon.started", storage_root=str(self.cfg.storage.root), port=self.scp.port,
+                 events=self.publisher.endpoint, pending_jobs=self.jobs.count(QUEUED, RUNNING, EXPORTING))
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Graceful stop: finish running associations, then the series being assembled.
-        Completed series still queued stay complete in the index and resume at the next start."""
+        """Graceful stop: no new associations, running ones finish, the job in hand finishes.
+        Queued jobs, pending exports and completed series resume at the next start."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        sdnotify.notify("STOPPING=1")
+        self._watchdog.stop()
         self.scp.stop(drain_timeout_s)
         self.watcher.stop()
-        pending = []
-        while True:
-            try:
-                item = self._assembly_queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                pending.append(item.series_uid)
         self._assembly_queue.put(None)
         if self._assembler is not None:
-            self._assembler.join(timeout=drain_timeout_s)
+            self._assembler.join(drain_timeout_s)
+        self.worker.stop(drain_timeout_s)
+        self.exporter.stop(drain_timeout_s)
+        self.publisher.stop()
+        self.outbox.close()
+        self.jobs.close()
         self.spool.close()
-        log.info("daemon.stopped", left_for_next_start=len(pending))
+        log.info("daemon.stopped")
 
     def run_forever(self) -> int:
         """Run until SIGTERM or SIGINT; returns the exit status (0 after a clean drain)."""
@@ -122,3 +251,4 @@ class Daemon:
             pass
         self.stop()
         return 0
+

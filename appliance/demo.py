@@ -1,36 +1,95 @@
-"""``make demo``: the appliance on its built-in default, a synthetic low-dose study in, latency out.
+"""``make demo``: the appliance on its built-in default, a synthetic low-dose study in, the
+derived series back, the latency of every stage printed.
 
-Starts ``appliance run`` as a real process (built-in default configuration; only the storage root
-and port are pointed at a scratch folder through the environment), makes a synthetic low-dose CT
-study, sends it over DICOM and prints the measured latency of each stage. Exits non-zero if any
-step fails.
+1. starts ``appliance run`` as a real process on the built-in default configuration; only the
+   storage root, the ports and the default ``console`` destination's port are pointed at this
+   demo through ``APPLIANCE_*`` environment variables;
+2. starts a receiving peer (a pynetdicom storage SCP standing in for the console) and subscribes
+   to the ZeroMQ events;
+3. makes a synthetic quarter-dose CT study, sends it over DICOM, waits for the derived series;
+4. prints per-stage latency, measured from the events' timestamps, and where the output is.
+Exits non-zero if anything failed.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import zmq
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
 from appliance.dicom.scu import SendError, echo, send_folder
+from appliance.events import decode
 from appliance.synth.study import write_synthetic_ct
 
 SHAPE_ZYX = (64, 512, 512)
 DOSE = 0.25
 Z_START_MM = 120.0  # heart, diaphragm and liver dome
+TIMEOUT_S = 150
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ReceivingPeer:
+    """The console's side: accepts the derived series and notes when each instance arrived."""
+
+    def __init__(self, out: Path, port: int) -> None:
+        self.out = out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.arrivals: list[float] = []
+        ae = AE(ae_title="CONSOLE")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        ds.save_as(self.out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        self.arrivals.append(time.time())
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+class EventLog:
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(endpoint)
+        self.events: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                self.events.append(decode(self.sock.recv_multipart())[0])
+
+    def first(self, topic: str):
+        return next((e for e in self.events if e.topic == topic), None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close(0)
 
 
 def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log: Path):
@@ -40,46 +99,61 @@ def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log: P
         if value:
             return value
         if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"the daemon exited ({proc.returncode}) while waiting for {what}:\n"
+                               f"{log.read_text()[-3000:]}")
         time.sleep(0.05)
-    raise RuntimeError(f"timed out after {timeout_s} s waiting for {what}")
+    raise RuntimeError(f"timed out after {timeout_s} s waiting for {what}; daemon log: {log}")
 
 
-def _events(log: Path) -> dict[str, dict]:
-    out = {}
-    for line in log.read_text().splitlines():
-        if line.startswith("{"):
-            e = json.loads(line)
-            out.setdefault(e.get("event", ""), e)
-    return out
-
-
-def _ts(event: dict) -> float:
-    """The epoch seconds of a daemon log event."""
-    from datetime import datetime
-
-    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+def _table(ev: EventLog, t_send0: float, t_sent: float, t_last_arrival: float) -> list[tuple[str, float]]:
+    received, queued = ev.first("series.received"), ev.first("job.queued")
+    started, done, exported = ev.first("job.started"), ev.first("job.done"), ev.first("export.done")
+    rows = [
+        ("receive: C-STORE of every instance", t_sent - t_send0),
+        (f"completion: wait after the last instance ({received.why})",
+         (received.completed_at - received.received_last).total_seconds()),
+        ("assemble: decode, sort, check geometry, HU", (queued.queued_at - received.completed_at).total_seconds()),
+        ("queue wait", (started.started_at - queued.queued_at).total_seconds()),
+    ]
+    rows += [(f"stage {e.stage}", e.seconds) for e in ev.events if e.topic == "stage.done"]
+    rows += [
+        ("derive: write the derived series", done.timings.get("derive", float("nan"))),
+        ("export: C-STORE to the console", exported.seconds),
+        ("end to end: first image sent -> last derived image received", t_last_arrival - t_send0),
+    ]
+    return rows
 
 
 def main() -> int:
     from appliance.logging import configure
 
     configure("WARNING", json=False)
+    # The readiness probe's refused connections are expected; pynetdicom would log each one.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     work = Path(tempfile.mkdtemp(prefix="appliance-demo-"))
-    port = _free_port()
+    port, peer_port, events_port = _free_port(), _free_port(), _free_port()
+    endpoint = f"tcp://127.0.0.1:{events_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update(APPLIANCE_STORAGE__ROOT=str(work / "spool"), APPLIANCE_NODE__PORT=str(port),
-               APPLIANCE_NODE__BIND_ADDRESS="127.0.0.1")
+    env.update(
+        APPLIANCE_STORAGE__ROOT=str(work / "spool"),
+        APPLIANCE_NODE__PORT=str(port),
+        APPLIANCE_NODE__BIND_ADDRESS="127.0.0.1",
+        APPLIANCE_DESTINATIONS__CONSOLE__PORT=str(peer_port),
+        APPLIANCE_EVENTS__ENDPOINT=endpoint,
+    )
     log = work / "daemon.log"
     print(f"demo workspace: {work}")
 
     t0 = time.perf_counter()
     study = write_synthetic_ct(work / "study", shape_zyx=SHAPE_ZYX, dose_fraction=DOSE, seed=1, z_start_mm=Z_START_MM)
-    t_synth = time.perf_counter() - t0
-    print(f"synthetic low-dose CT: {SHAPE_ZYX[2]}x{SHAPE_ZYX[1]}x{SHAPE_ZYX[0]}, dose {DOSE}, made in {t_synth:.2f} s")
+    print(f"synthetic CT at {DOSE:g} of full dose: {SHAPE_ZYX[2]}x{SHAPE_ZYX[1]}x{SHAPE_ZYX[0]}, "
+          f"made in {time.perf_counter() - t0:.1f} s")
 
+    peer = ReceivingPeer(work / "received", peer_port)
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "run"], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    events = EventLog(endpoint)
+    code = 1
     try:
         def ready():
             try:
@@ -88,51 +162,40 @@ def main() -> int:
                 return False
 
         _wait(ready, 30, "the daemon to answer C-ECHO", proc, log)
+        time.sleep(0.5)  # ZeroMQ subscribers join asynchronously; events are notifications
+        n = SHAPE_ZYX[0]
         t_send0 = time.time()
         report = send_folder(work / "study", "127.0.0.1", port, calling_ae="DEMO_CONSOLE", called_ae="APPLIANCE")
         t_sent = time.time()
-        if not report.ok or report.sent != SHAPE_ZYX[0]:
-            raise RuntimeError(f"send failed: {report.failed[:3]}")
-
-        def done():
-            db = sqlite3.connect(f"file:{work / 'spool' / 'index.sqlite'}?mode=ro", uri=True)
-            try:
-                row = db.execute("SELECT state, reason FROM series WHERE series_uid = ?", (study.series_uid,)).fetchone()
-            finally:
-                db.close()
-            return row if row and row[0] in ("assembled", "rejected") else None
-
-        state, reason = _wait(done, 60, "the series to be assembled", proc, log)
-        t_done = time.time()
-        if state != "assembled":
-            raise RuntimeError(f"series rejected: {reason}")
-        ev = _events(log)
-        complete, assembled = ev["series.complete"], ev["series.assembled"]
-        rows = [
-            ("receive (C-STORE of all instances)", t_sent - t_send0),
-            (f"completion wait ({complete['why']}, idle_seconds default)", _ts(complete) - t_sent),
-            ("assemble (decode, sort, check, HU)", assembled["assemble_s"]),
-            ("end to end (first C-STORE to assembled volume)", t_done - t_send0),
-        ]
-        print(f"\n{'stage':<60} {'seconds':>8}")
+        if not report.ok or report.sent != n:
+            raise RuntimeError(f"sending the study failed: {report.failed[:3]}")
+        _wait(lambda: len(peer.arrivals) >= n, TIMEOUT_S, "the derived series at the console", proc, log)
+        _wait(lambda: events.first("export.done"), 10, "the export.done event", proc, log)
+        failed = [e for e in events.events if e.topic in ("job.failed", "series.rejected")]
+        if failed:
+            raise RuntimeError(f"the appliance reported: {failed[0]}")
+        rows = _table(events, t_send0, t_sent, max(peer.arrivals))
+        print(f"\n{'stage':<64} {'seconds':>8}")
         for name, secs in rows:
-            print(f"{name:<60} {secs:8.3f}")
-        print(f"\nvolume {assembled['volumes'][0]['shape']} {assembled['volumes'][0]['units']}; "
-              f"spool {work / 'spool'}; daemon log {log}")
-        print("export of the enhanced series back to the sender arrives with the pipeline (issue 4).")
+            print(f"{name:<64} {secs:8.3f}")
+        print(f"\nderived series {events.first('job.done').derived_series_uid}: {len(peer.arrivals)} instances in "
+              f"{work / 'received'}\ndaemon log {log}; events were published on {endpoint}")
+        code = 0
     except Exception as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
-        return 1
     finally:
+        events.close()
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(timeout=60)
+            exit_code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = -9
-        if code != 0:
-            print(f"daemon exited with {code} after SIGTERM", file=sys.stderr)
-    return 0 if code == 0 else 1
+            exit_code = -9
+        peer.stop()
+        if exit_code != 0:
+            print(f"the daemon exited with {exit_code} after SIGTERM", file=sys.stderr)
+            code = 1
+    return code
 
 
 if __name__ == "__main__":

@@ -18,4 +18,5 @@ def cfg(tmp_path: Path) -> ApplianceConfig:
     c.completion.idle_seconds = 1.0
     c.completion.poll_interval_s = 0.1
     c.limits.free_space_reserve_bytes = 0
+    c.events.endpoint = "tcp://127.0.0.1:*"  # any free port: tests never collide
     return c

@@ -81,6 +81,10 @@ class CompletionWatcher:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:

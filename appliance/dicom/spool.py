@@ -31,6 +31,7 @@ from typing import Literal
 import pydicom
 
 from appliance.config import LimitsConfig
+from appliance.db import connect
 from appliance.dicom.validate import STATUS_OUT_OF_RESOURCES, InstanceHeader, InstanceRefused
 from appliance.logging import get_logger
 
@@ -79,8 +80,9 @@ CREATE TABLE IF NOT EXISTS refused (
 );
 """
 
-# Series states. receiving -> complete -> assembled | rejected; a new instance reopens any of them.
-RECEIVING, COMPLETE, ASSEMBLED, REJECTED = "receiving", "complete", "assembled", "rejected"
+# Series states. receiving -> complete -> assembled | rejected -> released (sources deleted after
+# every destination stored the result); a new instance reopens any of them.
+RECEIVING, COMPLETE, ASSEMBLED, REJECTED, RELEASED = "receiving", "complete", "assembled", "rejected", "released"
 
 
 class OutOfSpace(InstanceRefused):
@@ -161,12 +163,7 @@ class Spool:
     def open(self) -> Spool:
         for d in (self.root, self.incoming, self.series_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # WAL + NORMAL can lose the last commits on power loss
-        db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(_SCHEMA)
-        self._db = db
+        self._db = connect(self.root / "index.sqlite", _SCHEMA)
         self._clear_incoming()
         self._recover_orphans()
         return self
@@ -442,6 +439,28 @@ class Spool:
                 (series_uid,),
             ).fetchall()
         return [self.root / r[0] for r in rows]
+
+    def release(self, series_uid: str, generation: int) -> int:
+        """Delete the received instances of a series whose results were delivered; returns how many
+        files were removed. Does nothing if instances arrived since (another generation)."""
+        with self._lock:
+            row = self.db.execute("SELECT generation FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            if row is None or row[0] != generation:
+                return 0
+            rels = [r[0] for r in self.db.execute("SELECT path FROM instances WHERE series_uid = ?", (series_uid,))]
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            self.db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
+            self.db.execute("COMMIT")
+        # Files go after the commit: a crash in between leaves files the index forgets, which
+        # the orphan recovery indexes again (kept, never lost); the reverse would lose data.
+        for rel in rels:
+            (self.root / rel).unlink(missing_ok=True)
+        try:
+            (self.series_dir / series_uid).rmdir()
+        except OSError:
+            pass
+        return len(rels)
 
     def refused(self) -> list[dict]:
         with self._lock:

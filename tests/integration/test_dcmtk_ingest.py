@@ -30,6 +30,7 @@ def _dcmtk_installed():
 @pytest.fixture
 def daemon(cfg: ApplianceConfig, tmp_path: Path):
     cfg.completion.idle_seconds = 2.0
+    cfg.routes = []  # ingest only
     d = DaemonProcess(cfg, tmp_path / "daemon")
     yield d
     d.stop()

@@ -86,3 +86,17 @@ def test_destinations_and_routes_from_toml():
         'destinations = ["pacs"]\n'
     )
     assert cfg.destinations["pacs"].port == 104 and cfg.routes[0].pipeline == "denoise"
+
+
+def test_env_override_of_one_field_keeps_the_rest_of_a_default_table():
+    cfg = config.load(environ={"APPLIANCE_DESTINATIONS__CONSOLE__PORT": "4006"})
+    console = cfg.destinations["console"]
+    assert (console.ae_title, console.host, console.port) == ("CONSOLE", "127.0.0.1", 4006)
+
+
+def test_env_override_adds_to_a_table_from_the_file(tmp_path: Path):
+    f = tmp_path / "a.toml"
+    f.write_text('[destinations.pacs]\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n'
+                 '[[routes]]\npipeline = "passthrough"\ndestinations = ["pacs"]\n')
+    cfg = config.load(f, environ={"APPLIANCE_DESTINATIONS__PACS__PORT": "11112"})
+    assert list(cfg.destinations) == ["pacs"] and cfg.destinations["pacs"].port == 11112

@@ -13,6 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from appliance.daemon import Daemon
+from appliance.dicom.assemble import assemble_series
 from appliance.dicom import scu  # noqa: F401  (sends files as their bytes: crafted input goes out as is)
 from appliance.dicom.scu import echo, send_folder
 from appliance.dicom.spool import ASSEMBLED, REJECTED
@@ -22,9 +23,8 @@ from tests.helpers import ramp_volume, write_series
 
 @pytest.fixture
 def daemon(cfg):
-    assembled = []
-    d = Daemon(cfg, on_assembled=lambda row, result: assembled.append((row, result)))
-    d.assembled = assembled
+    cfg.routes = []  # ingest only: nothing is routed on to a pipeline or destination
+    d = Daemon(cfg)
     d.start()
     yield d
     d.stop(drain_timeout_s=5)
@@ -65,10 +65,7 @@ def test_echo_and_a_series_is_stored_and_assembled(tmp_path, daemon):
     uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
     row = _wait_state(daemon, uid)
     assert row.state == ASSEMBLED and row.instance_count == len(paths)
-    deadline = time.monotonic() + 5  # the index is updated just before the hand-on
-    while not daemon.assembled and time.monotonic() < deadline:
-        time.sleep(0.02)
-    (vol,) = daemon.assembled[0][1].volumes
+    (vol,) = assemble_series(daemon.spool.instance_paths(uid), daemon.cfg.assembly).volumes
     np.testing.assert_array_equal(vol.voxels, hu[::-1])
 
 
@@ -122,6 +119,7 @@ def test_missing_position_and_non_uniform_spacing_are_rejected_with_reasons(tmp_
 
 @pytest.fixture
 def strict_cfg(cfg):
+    cfg.routes = []
     cfg.peers.allowed_calling_ae_titles = ["CONSOLE"]
     return cfg
 
@@ -149,6 +147,7 @@ def test_calling_ae_not_allowed_is_refused_at_association(tmp_path, strict_cfg):
 
 
 def test_source_address_not_allowed_is_refused(tmp_path, cfg):
+    cfg.routes = []
     cfg.peers.allowed_source_networks = ["192.0.2.0/24"]  # not loopback
     d = Daemon(cfg)
     d.start()
@@ -161,6 +160,7 @@ def test_source_address_not_allowed_is_refused(tmp_path, cfg):
 
 
 def test_full_disk_gets_A700_and_leaves_nothing_partial(tmp_path, cfg):
+    cfg.routes = []
     cfg.limits.free_space_reserve_bytes = 1 << 62  # more than any disk has free
     d = Daemon(cfg)
     d.start()

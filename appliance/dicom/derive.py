@@ -1,0 +1,408 @@
+"""Derived-series writer: a processed `Volume` becomes a proper derived DICOM series.
+
+One classic single-frame instance per slice (CT Image, MR Image, or Secondary Capture Storage after
+the source modality), in the source's study, in a new series, with everything UID-like derived
+deterministically: the same volume, pipeline and version give the same bytes; another pipeline,
+version or label gives other UIDs.
+
+What is kept from the source header (``volume.header``, the first slice's attributes): patient,
+study, equipment, frame of reference, acquisition attributes, window, lossy-compression history.
+What is removed, and why:
+- private elements: the derived instance must not carry the source's private data;
+- pixel data and everything describing stored values (rescale, smallest/largest value, Modality
+  LUT, padding): they are recomputed. ``PixelPaddingValue`` is dropped rather than remapped: it names
+  a *stored* value of the source's encoding, and after processing (smoothing across the field-of-view
+  edge, a new slope/intercept) no stored value reliably means "padding" any more. Padded voxels keep
+  whatever value the pipeline left there (e.g. -3024 HU) and simply display as air;
+- multi-frame-only attributes (functional groups, NumberOfFrames, dimensions, concatenation): the
+  output is always classic single-frame;
+- per-slice values known for the first slice only (tube current and exposure, which vary per slice
+  with dose modulation), the source's own references and derivation, creation stamps, counts of the
+  source series (``ImagesInAcquisition``: a split volume has fewer), signatures, icon, overlays.
+
+Rescale policy (`hu_rescale`): HU that fit int16 are stored signed with slope 1, intercept 0 (stored
+value = HU, error <= 0.5 HU); HU spanning <= 65535 use slope 1 and an integer intercept (unsigned);
+wider HU ranges and non-integer native units (MR) use slope = range / 65000 (unsigned); integer native
+values that fit 16 bits are stored as they are (slope 1). Slope and intercept are chosen as values
+their DS text represents exactly, so what a reader parses is what the writer quantised with.
+Note: the classic MR Image IOD has no Rescale Slope/Intercept; they are written anyway (as most
+vendors do) because float MR results cannot be stored without them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage
+from pydicom.valuerep import format_number_as_ds
+
+from appliance import __version__
+from appliance.logging import get_logger
+from appliance.volume import Volume
+
+log = get_logger(__name__)
+
+_SOP_CLASS_BY_MODALITY = {"CT": CTImageStorage, "MR": MRImageStorage}
+_STORED_LEVELS = 65000.0  # of 65536: leaves a margin for DS rounding of slope and intercept
+_MARGIN_LEVELS = 16
+
+# Attributes recomputed for each derived instance, or wrong for it; see the module docstring.
+_DROPPED = (
+    # pixel data and stored-value description
+    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+    "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries", "LargestPixelValueInSeries",
+    "PixelPaddingValue", "PixelPaddingRangeLimit", "PlanarConfiguration", "PixelAspectRatio",
+    *(f"{c}PaletteColorLookupTable{p}" for c in ("Red", "Green", "Blue") for p in ("Descriptor", "Data")),
+    # multi-frame only
+    "NumberOfFrames", "FrameIncrementPointer", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence", "DimensionOrganizationSequence", "DimensionIndexSequence",
+    "DimensionOrganizationType", "ConcatenationUID", "SOPInstanceUIDOfConcatenationSource",
+    "InConcatenationNumber", "InConcatenationTotalNumber", "ConcatenationFrameOffsetNumber",
+    "RepresentativeFrameNumber", "StereoPairsPresent", "PresentationLUTShape", "PixelPresentation",
+    "VolumetricProperties", "VolumeBasedCalculationTechnique", "ContentQualification",
+    # per-slice values the header knows for its first slice only
+    "XRayTubeCurrent", "XRayTubeCurrentInuA", "Exposure", "ExposureInuAs", "ExposureInmAs",
+    # the source's own identity, references and history
+    "SOPInstanceUID", "InstanceCreationDate", "InstanceCreationTime", "InstanceCreatorUID",
+    "InstanceCoercionDateTime", "SourceImageSequence", "SourceInstanceSequence", "DerivationCodeSequence",
+    "DerivationDescription", "ReferencedSeriesSequence", "StudiesContainingOtherReferencedInstancesSequence",
+    "ImagesInAcquisition", "NumberOfSeriesRelatedInstances", "NumberOfStudyRelatedInstances",
+    "DigitalSignaturesSequence", "MACParametersSequence", "EncryptedAttributesSequence",
+    "OriginalAttributesSequence", "IconImageSequence", "DataSetTrailingPadding",
+)
+
+# Enhanced (multi-frame) sources keep some classic attributes in functional groups:
+# (classic keyword, functional-group sequence, keyword inside it).
+_LIFTED = (
+    ("SliceThickness", "PixelMeasuresSequence", "SliceThickness"),
+    ("WindowCenter", "FrameVOILUTSequence", "WindowCenter"),
+    ("WindowWidth", "FrameVOILUTSequence", "WindowWidth"),
+    ("KVP", "CTXRayDetailsSequence", "KVP"),
+    ("EchoTime", "MREchoSequence", "EffectiveEchoTime"),
+    ("RepetitionTime", "MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+    ("FlipAngle", "MRTimingAndRelatedParametersSequence", "FlipAngle"),
+    ("EchoTrainLength", "MRTimingAndRelatedParametersSequence", "EchoTrainLength"),
+)
+
+# Type 2 attributes (present, may be empty) of the modules every output IOD includes.
+_TYPE2_COMMON = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "Manufacturer", "PositionReferenceIndicator",
+)
+_TYPE2_BY_SOP_CLASS = {CTImageStorage: ("KVP", "AcquisitionNumber"), SecondaryCaptureImageStorage: (),
+                       MRImageStorage: ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength")}
+
+
+class DeriveError(Exception):
+    """A volume that cannot become a derived series; ``reason`` is coded, ``detail`` for a field engineer."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _uid(uid_root: str, *fields: object) -> str:
+    # generate_uid concatenates its entropy sources without a separator ("ab"+"c" == "a"+"bc"):
+    # one JSON list keeps the fields apart.
+    return str(generate_uid(prefix=uid_root, entropy_srcs=[json.dumps([str(f) for f in fields])]))
+
+
+def derived_series_uid(source_series_uid: str, label: str, pipeline: str, version: str, uid_root: str) -> str:
+    """SeriesInstanceUID of the series derived from ``source_series_uid`` (its part ``label``) by
+    ``pipeline`` at ``version``: deterministic, distinct for any other of the four inputs."""
+    return _uid(uid_root, "appliance.derived-series", source_series_uid, label, pipeline, version)
+
+
+def _ds(value: float) -> str:
+    """A number as DICOM DS text (at most 16 characters)."""
+    return format_number_as_ds(float(value) + 0.0)  # + 0.0: no "-0.0"
+
+
+def _ds_exact(value: float) -> float:
+    """The float a reader parses from the DS text of ``value``."""
+    return float(_ds(value))
+
+
+def _finite_range(voxels: np.ndarray) -> tuple[float, float]:
+    if voxels.size == 0:
+        raise DeriveError("empty_volume", "the volume holds no voxels")
+    lo, hi = float(np.min(voxels)), float(np.max(voxels))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DeriveError("non_finite_voxels", "the volume holds NaN or infinite values")
+    return lo, hi
+
+
+def _all_integral(voxels: np.ndarray, chunk: int = 1 << 22) -> bool:
+    flat = np.ravel(voxels)
+    return all(np.array_equal(c, np.rint(c)) for c in (flat[i : i + chunk] for i in range(0, flat.size, chunk)))
+
+
+def hu_rescale(voxels: np.ndarray, units: str) -> tuple[float, float, bool]:
+    """(slope, intercept, signed) so that stored = round((v - intercept) / slope) fits 16 bits
+    (int16 when ``signed``, else uint16) and every v round-trips within slope / 2.
+
+    ``voxels`` in ``units`` ("HU" for CT; any other string means the modality's native units).
+    Slope and intercept are exactly representable as DS text. See the module docstring for the policy.
+    """
+    lo, hi = _finite_range(voxels)
+    if units == "HU" and np.rint(lo) >= -32768 and np.rint(hi) <= 32767:
+        return 1.0, 0.0, True
+    if units == "HU" and np.floor(lo) + 65535 >= np.rint(hi):
+        return 1.0, float(np.floor(lo)), False
+    if units != "HU" and _all_integral(voxels):
+        if lo >= 0 and hi <= 65535:
+            return 1.0, 0.0, False
+        if lo >= -32768 and hi <= 32767:
+            return 1.0, 0.0, True
+    if hi == lo:
+        return 1.0, _ds_exact(lo), False
+    # Intercept a little below the minimum (DS rounding must not put it above), then the slope
+    # rounded up so the maximum lands near level 65000 + margin, well inside 65535.
+    intercept = _ds_exact(lo - _MARGIN_LEVELS * (hi - lo) / _STORED_LEVELS - abs(lo) * 1e-9)
+    slope = _ds_exact((hi - intercept) / (_STORED_LEVELS + _MARGIN_LEVELS) * (1 + 1e-9))
+    return slope, intercept, False
+
+
+def _stored(slice_values: np.ndarray, slope: float, intercept: float, signed: bool) -> np.ndarray:
+    lo, hi, dtype = (-32768, 32767, "<i2") if signed else (0, 65535, "<u2")
+    stored = np.rint((slice_values.astype(np.float64) - intercept) / slope)
+    return np.clip(stored, lo, hi).astype(dtype)
+
+
+def _functional_group_value(header: Dataset, frame_number: int | None, sequence: str, keyword: str):
+    """An attribute of an enhanced source's functional groups: the frame's own group wins."""
+    groups = []
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame_number and frame_number <= len(per_frame):
+        groups.append(per_frame[frame_number - 1])
+    shared = header.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        items = group.get(sequence)
+        if items and keyword in items[0] and items[0][keyword].value not in (None, ""):
+            return copy.deepcopy(items[0][keyword].value)
+    return None
+
+
+def _classic_mr_sequence(header: Dataset) -> tuple[list[str], list[str]]:
+    """ScanningSequence and SequenceVariant (Type 1 in the classic MR Image module) from an
+    enhanced MR source's pulse-sequence attributes."""
+    echo = str(header.get("EchoPulseSequence", ""))
+    scanning = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(echo, ["RM"])
+    if str(header.get("InversionRecovery", "")) == "YES":
+        scanning.append("IR")
+    if str(header.get("EchoPlanarPulseSequence", "")) == "YES":
+        scanning.append("EP")
+    variant = ["SS"] if str(header.get("SteadyStatePulseSequence", "NONE")) != "NONE" else ["NONE"]
+    return scanning, variant
+
+
+def _base_dataset(volume: Volume, sop_class: str) -> Dataset:
+    """The source header made into the shared part of every derived instance."""
+    header = volume.header if volume.header is not None else Dataset()
+    frame = volume.source.frame_numbers[0] if volume.source.frame_numbers else None
+    lifted = {kw: _functional_group_value(header, frame, seq, inner) for kw, seq, inner in _LIFTED if kw not in header}
+    mr_sequence = _classic_mr_sequence(header) if sop_class == MRImageStorage else None
+    ds = Dataset()
+    for elem in header:  # a fresh, deep copy: the assembler's header is shared and must not change
+        tag = elem.tag
+        if tag.is_private or tag.group == 0x0002 or tag.element == 0 or 0x5000 <= tag.group <= 0x60FF:
+            continue  # private data, file meta, group lengths, curves and overlays of the first slice
+        ds.add(copy.deepcopy(elem))
+    ds.remove_private_tags()
+    for keyword in _DROPPED:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for keyword, value in lifted.items():
+        if value is not None:
+            setattr(ds, keyword, value)
+    if mr_sequence is not None:
+        if "ScanningSequence" not in ds:
+            ds.ScanningSequence = mr_sequence[0]
+        if "SequenceVariant" not in ds:
+            ds.SequenceVariant = mr_sequence[1]
+    if sop_class == SecondaryCaptureImageStorage and "ConversionType" not in ds:
+        ds.ConversionType = "WSD"  # workstation: made from other images
+    for keyword in (*_TYPE2_COMMON, *_TYPE2_BY_SOP_CLASS[sop_class]):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def _series_attributes(ds: Dataset, volume: Volume, pipeline: str, version: str, uid_root: str,
+                       series_number_offset: int) -> None:
+    src = volume.source
+    source_type = ds.get("ImageType") or []
+    source_type = [source_type] if isinstance(source_type, str) else list(source_type)
+    ds.ImageType = ["DERIVED", "SECONDARY", *source_type[2:3]]
+    ds.StudyInstanceUID = src.study_uid
+    ds.Modality = src.modality or "OT"
+    ds.SeriesInstanceUID = derived_series_uid(src.series_uid, volume.label, pipeline, version, uid_root)
+    suffix = f" [{pipeline}]"[:64]
+    ds.SeriesDescription = str(ds.get("SeriesDescription", "") or "")[: 64 - len(suffix)] + suffix
+    try:
+        source_number = int(ds.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        source_number = 0
+    ds.SeriesNumber = source_number + series_number_offset
+    ds.DerivationDescription = f"appliance {pipeline} {version}"
+    if "FrameOfReferenceUID" not in ds:  # the geometry needs one; stable for the source series
+        ds.FrameOfReferenceUID = _uid(uid_root, "appliance.frame-of-reference", src.series_uid)
+
+
+def _pixel_attributes(ds: Dataset, volume: Volume, rescale: tuple[float, float, bool]) -> None:
+    slope, intercept, signed = rescale
+    geom = volume.geometry
+    _, rows, columns = volume.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleSlope, ds.RescaleIntercept = _ds(slope), _ds(intercept)
+    if volume.units == "HU":
+        ds.RescaleType = "HU"
+    elif volume.units != "native":
+        ds.RescaleType = volume.units[:16]
+    elif ds.SOPClassUID == CTImageStorage:
+        ds.RescaleType = "US"  # Type 1C in the CT Image module when the values are not HU
+    ds.ImageOrientationPatient = [_ds(v) for v in geom.image_orientation]
+    ds.PixelSpacing = [_ds(geom.spacing_zyx[1]), _ds(geom.spacing_zyx[2])]
+    if not ds.get("SliceThickness"):
+        ds.SliceThickness = _ds(geom.spacing_zyx[0])
+    ds.SpacingBetweenSlices = _ds(geom.spacing_zyx[0])
+
+
+def _sop_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_uid
+    item.ReferencedSOPInstanceUID = sop_instance_uid
+    return item
+
+
+def _source_image(volume: Volume, k: int) -> Dataset:
+    """SourceImageSequence item of slice k: its source instance (and frame) and why it is referenced."""
+    src = volume.source
+    item = _sop_reference(src.sop_class_uid, src.sop_instance_uids[k])
+    if src.frame_numbers:
+        item.ReferencedFrameNumber = src.frame_numbers[k]
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    item.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    return item
+
+
+def _referenced_series(volume: Volume, sop_instance_uids) -> Sequence:
+    """Common Instance Reference module: the source series and the instances this instance references."""
+    item = Dataset()
+    item.SeriesInstanceUID = volume.source.series_uid
+    item.ReferencedInstanceSequence = Sequence(
+        [_sop_reference(volume.source.sop_class_uid, uid) for uid in dict.fromkeys(sop_instance_uids)]
+    )
+    return Sequence([item])
+
+
+def derive_datasets(
+    volume: Volume, pipeline: str, version: str, uid_root: str, series_number_offset: int = 1000
+) -> list[Dataset]:
+    """One Part-10-ready dataset (file_meta set, Explicit VR Little Endian) per slice, in volume
+    order (k = 0..n-1); slice k sits at ``volume.geometry.slice_position(k)`` (mm, LPS).
+
+    Slice k references source instance ``volume.source.sop_instance_uids[k]`` (and frame
+    ``frame_numbers[k]`` for a multi-frame source). A volume whose slices do not map one to one to
+    source instances (e.g. resampled) references the source series as a whole, and its instance UIDs
+    derive from the new series UID and the slice index.
+    """
+    voxels = np.asarray(volume.voxels)
+    if voxels.ndim != 3:
+        raise DeriveError("not_a_volume", f"voxels have shape {voxels.shape}, expected (z, y, x)")
+    n = voxels.shape[0]
+    src = volume.source
+    one_to_one = len(src.sop_instance_uids) == n and (not src.frame_numbers or len(src.frame_numbers) == n)
+    rescale = hu_rescale(voxels, volume.units)
+    sop_class = _SOP_CLASS_BY_MODALITY.get(src.modality, SecondaryCaptureImageStorage)
+    base = _base_dataset(volume, sop_class)
+    base.SOPClassUID = sop_class
+    _series_attributes(base, volume, pipeline, version, uid_root, series_number_offset)
+    _pixel_attributes(base, volume, rescale)
+    series_uid = str(base.SeriesInstanceUID)
+    geom = volume.geometry
+    normal = geom.normal
+    whole_series = None if one_to_one else _referenced_series(volume, src.sop_instance_uids)
+    out = []
+    for k in range(n):
+        ds = copy.deepcopy(base)
+        if one_to_one:
+            frame = src.frame_numbers[k] if src.frame_numbers else ""
+            sop_uid = _uid(uid_root, "appliance.derived-instance", src.sop_instance_uids[k], frame,
+                           pipeline, version, volume.label)
+            ds.SourceImageSequence = Sequence([_source_image(volume, k)])
+            ds.ReferencedSeriesSequence = _referenced_series(volume, [src.sop_instance_uids[k]])
+        else:
+            sop_uid = _uid(uid_root, "appliance.derived-instance", series_uid, "slice", k)
+            ds.ReferencedSeriesSequence = copy.deepcopy(whole_series)
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceNumber = k + 1
+        position = geom.slice_position(k)
+        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.SliceLocation = _ds(float(position @ normal))
+        ds.PixelData = _stored(voxels[k], *rescale).tobytes()
+        ds.file_meta = _file_meta(sop_class, sop_uid)
+        out.append(ds)
+    log.info("derive.series", source_series_uid=src.series_uid, derived_series_uid=series_uid,
+             label=volume.label, pipeline=pipeline, version=version, instances=n, sop_class=str(sop_class),
+             rescale_slope=rescale[0], rescale_intercept=rescale[1], referenced_per_slice=one_to_one)
+    return out
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"APPLIANCE_{__version__}"[:16]
+    return meta
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_derived(datasets: list[Dataset], out_dir: Path) -> list[Path]:
+    """Write each dataset as ``<SOPInstanceUID>.dcm`` under ``out_dir``; returns the paths in slice
+    order. Each file is written under a temporary name, fsynced and renamed into place, then the
+    directory is fsynced: once this returns the files are durable and none is ever seen half-written."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if created:
+        _fsync_dir(out_dir.parent)
+    paths = []
+    for ds in datasets:
+        path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+        tmp = out_dir / f".{path.name}.tmp"
+        with open(tmp, "wb") as fh:
+            pydicom.dcmwrite(fh, ds, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        paths.append(path)
+    _fsync_dir(out_dir)
+    return paths

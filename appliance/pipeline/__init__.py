@@ -1,0 +1,1 @@
+"""Jobs, routing and the stages a volume goes through (recon, denoise, passthrough)."""

@@ -1,0 +1,87 @@
+"""Pipelines: named, versioned lists of stages. A stage takes a `Volume` and returns a `Volume`;
+it knows nothing of DICOM. The runner times every stage (wall clock, seconds).
+
+Reconstruction and denoising register their pipelines here (`register`) when they land; the
+``passthrough`` pipeline re-emits the volume unchanged as a derived series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from appliance import __version__
+from appliance.volume import Volume
+
+
+class Stage(Protocol):
+    name: str
+
+    def __call__(self, volume: Volume) -> Volume: ...
+
+
+class StageError(Exception):
+    """A stage could not process a volume; ``reason`` is coded for events and logs."""
+
+    def __init__(self, stage: str, reason: str, detail: str) -> None:
+        super().__init__(f"{stage}: {reason}: {detail}")
+        self.stage = stage
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    version: str
+    stages: list[Stage] = field(default_factory=list)
+
+    def run(self, volume: Volume, on_stage_done: Callable[[str, float], None] | None = None) -> tuple[Volume, dict[str, float]]:
+        """Run every stage in order; returns the result and seconds per stage."""
+        timings: dict[str, float] = {}
+        for stage in self.stages:
+            t0 = time.perf_counter()
+            try:
+                volume = stage(volume)
+            except StageError:
+                raise
+            except Exception as exc:
+                raise StageError(stage.name, "stage_error", f"{type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - t0
+            timings[stage.name] = seconds
+            volume.provenance.append(f"{self.name}/{stage.name} {self.version}")
+            if on_stage_done is not None:
+                on_stage_done(stage.name, seconds)
+        return volume, timings
+
+
+class Passthrough:
+    """Re-emits the volume unchanged (a routing feature: re-label, re-send, archive)."""
+
+    name = "passthrough"
+
+    def __call__(self, volume: Volume) -> Volume:
+        return volume
+
+
+PipelineFactory = Callable[[], Pipeline]
+_REGISTRY: dict[str, PipelineFactory] = {
+    "passthrough": lambda: Pipeline("passthrough", __version__, [Passthrough()]),
+}
+
+
+def register(name: str, factory: PipelineFactory) -> None:
+    _REGISTRY[name] = factory
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(name: str) -> Pipeline:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise KeyError(f"unknown pipeline {name!r}; available: {', '.join(available())}") from None

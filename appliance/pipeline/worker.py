@@ -1,0 +1,182 @@
+"""The pipeline worker: takes queued jobs one at a time (the GPU is one resource), runs the
+pipeline's stages on the volume, writes the derived series into the outbox and records it for
+every destination.
+
+Failure policy: a job whose pipeline fails is tried again up to ``pipeline.max_attempts``; after
+that it fails, or with ``on_failure = "passthrough"`` the original volume is sent as a
+passthrough derived series. Every failure is published as ``job.failed`` with its reason.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from appliance.config import ApplianceConfig
+from appliance.dicom.assemble import assemble_series
+from appliance.dicom.derive import derive_datasets, write_derived
+from appliance.dicom.export import Outbox
+from appliance.dicom.spool import Spool
+from appliance.events import JobDone, JobFailed, JobStarted, Publisher, StageDone
+from appliance.logging import get_logger
+from appliance.pipeline import stages
+from appliance.pipeline.jobs import Job, JobQueue
+from appliance.volume import Volume
+
+log = get_logger(__name__)
+
+
+def _utc(ts: float):
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+class Worker:
+    def __init__(
+        self,
+        cfg: ApplianceConfig,
+        spool: Spool,
+        jobs: JobQueue,
+        outbox: Outbox,
+        publisher: Publisher,
+        on_exporting: Callable[[Job], None],
+    ) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.jobs = jobs
+        self.outbox = outbox
+        self.publisher = publisher
+        self.on_exporting = on_exporting
+        self._volumes: dict[int, Volume] = {}  # fresh volumes handed over by the assembler
+        self._volumes_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.busy_since: float | None = None
+
+    # ---- hand-over -------------------------------------------------------------------------
+    def submit(self, job: Job, volume: Volume) -> None:
+        """Keep the assembled volume for ``job`` (saves assembling it again) and wake up."""
+        with self._volumes_lock:
+            self._volumes[job.id] = volume
+        self._wake.set()
+
+    def _volume_for(self, job: Job) -> Volume:
+        with self._volumes_lock:
+            volume = self._volumes.pop(job.id, None)
+        if volume is not None:
+            return volume
+        # After a restart: assemble the series again from the spool (deterministic).
+        result = assemble_series(self.spool.instance_paths(job.series_uid), self.cfg.assembly)
+        for v in result.volumes:
+            if v.label == job.label:
+                return v
+        raise stages.StageError("assemble", "volume_missing", f"no volume labelled {job.label!r} in the series now")
+
+    # ---- one job ---------------------------------------------------------------------------
+    def process(self, job: Job) -> None:
+        self.publisher.publish(JobStarted(
+            study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
+            label=job.label, attempt=job.attempts, started_at=_utc(job.started_at or time.time()),
+        ))
+        log.info("job.started", job_id=job.id, pipeline=job.pipeline, series_uid=job.series_uid, attempt=job.attempts)
+        try:
+            volume = self._volume_for(job)
+            pipeline = stages.build(job.pipeline)
+            result, stage_seconds = pipeline.run(volume, on_stage_done=lambda name, s: self.publisher.publish(StageDone(
+                study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
+                stage=name, seconds=s, attempt=job.attempts,
+            )))
+        except Exception as exc:
+            self._failed(job, exc)
+            return
+        self._deliver(job, result, pipeline, stage_seconds)
+
+    def _deliver(self, job: Job, result: Volume, pipeline: stages.Pipeline, stage_seconds: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        datasets = derive_datasets(result, pipeline.name, pipeline.version, self.cfg.dicom.uid_root,
+                                   self.cfg.derived.series_number_offset)
+        derived_uid = str(datasets[0].SeriesInstanceUID)
+        paths = write_derived(datasets, self.outbox.folder_for(derived_uid))
+        derive_s = time.perf_counter() - t0
+        files = [(str(ds.SOPInstanceUID), p) for ds, p in zip(datasets, paths)]
+        for dest in job.destinations:
+            self.outbox.add(job.id, dest, derived_uid, files)
+        timings = {f"stage:{k}": v for k, v in stage_seconds.items()}
+        timings["derive"] = derive_s
+        if job.started_at is not None:
+            timings["queue_wait"] = max(0.0, job.started_at - job.queued_at)
+            timings["process"] = time.time() - job.started_at
+        self.jobs.exporting(job.id, derived_uid, timings)
+        log.info("job.processed", job_id=job.id, pipeline=pipeline.name, derived_series_uid=derived_uid,
+                 instances=len(files), destinations=list(job.destinations),
+                 timings={k: round(v, 3) for k, v in timings.items()})
+        self.publisher.publish(
+            JobDone(study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=pipeline.name,
+                    label=job.label, derived_series_uid=derived_uid, instances=len(files), timings=timings),
+            buffer=result.voxels if self.cfg.events.include_results else None,
+        )
+        self.on_exporting(self.jobs.get(job.id))
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, stages.StageError) else "pipeline_error"
+        detail = exc.detail if isinstance(exc, stages.StageError) else f"{type(exc).__name__}: {exc}"
+        stage = exc.stage if isinstance(exc, stages.StageError) else None
+        retry = job.attempts < self.cfg.pipeline.max_attempts
+        log.error("job.failed", job_id=job.id, pipeline=job.pipeline, reason=reason, detail=detail,
+                  stage=stage, will_retry=retry)
+        self.publisher.publish(JobFailed(
+            study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, reason=reason, detail=detail,
+            pipeline=job.pipeline, stage=stage, will_retry=retry,
+        ))
+        if retry:
+            self.jobs.requeue(job.id, reason, detail)
+            return
+        if self.cfg.pipeline.on_failure == "passthrough":
+            try:
+                volume = self._volume_for(job)
+                fallback = stages.build("passthrough")
+                result, seconds = fallback.run(volume)
+                result.provenance.append(f"{job.pipeline} failed ({reason}); sent unprocessed")
+                self._deliver(job, result, fallback, seconds)
+                return
+            except Exception as exc2:
+                detail = f"{detail}; passthrough also failed: {type(exc2).__name__}: {exc2}"
+        self.jobs.failed(job.id, reason, detail)
+
+    # ---- thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pipeline-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Finish the job in hand (it is never cut off half-written), then stop."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            job = self.jobs.take_next()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self.busy_since = time.monotonic()
+            try:
+                self.process(job)
+            except Exception as exc:  # a bug must not kill the worker: fail the job, go on
+                log.exception("job.crashed", job_id=job.id)
+                self.jobs.failed(job.id, "internal_error", f"{type(exc).__name__}: {exc}")
+            finally:
+                self.busy_since = None

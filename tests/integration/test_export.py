@@ -1,0 +1,206 @@
+"""A study in from dcmtk's storescu, the derived series out to dcmtk's storescp, events on ZeroMQ."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import zmq
+
+from appliance.config import ApplianceConfig, Destination
+from appliance.dicom.assemble import assemble_series
+from appliance.events import decode
+from appliance.synth.study import write_synthetic_ct
+from tests.helpers import free_port
+from tests.integration.daemon_process import DaemonProcess
+from tests.integration.test_dcmtk_ingest import STORESCU, storescu
+
+pytestmark = pytest.mark.integration
+STORESCP = Path("/usr/bin/storescp")
+
+
+class StoreSCP:
+    """dcmtk's storescp as the destination; counts the C-STORE requests it receives."""
+
+    def __init__(self, out: Path, port: int) -> None:
+        self.out, self.port = out, port
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = out.parent / f"storescp-{port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> StoreSCP:
+        self.proc = subprocess.Popen(
+            [str(STORESCP), "-v", "-aet", "CONSOLE", "-od", str(self.out), str(self.port)],
+            stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+        )
+        time.sleep(0.3)
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_file())
+
+    @property
+    def requests(self) -> int:
+        return self.log.read_text().count("Received Store Request") if self.log.exists() else 0
+
+    def wait_for(self, n: int, timeout_s: float = 90.0) -> list[Path]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(self.files) >= n:
+                time.sleep(0.5)  # let a late duplicate show itself
+                return self.files
+            time.sleep(0.1)
+        raise AssertionError(f"storescp has {len(self.files)} of {n} files after {timeout_s} s")
+
+
+@pytest.fixture(autouse=True)
+def _dcmtk_installed():
+    if not (STORESCU.exists() and STORESCP.exists()):
+        pytest.fail("dcmtk is not installed (make test installs it)")
+
+
+@pytest.fixture
+def setup(cfg: ApplianceConfig, tmp_path: Path):
+    dest_port = free_port()
+    cfg.destinations = {"console": Destination(ae_title="CONSOLE", host="127.0.0.1", port=dest_port)}
+    cfg.completion.idle_seconds = 1.5
+    cfg.export.retry_initial_s = 0.5
+    cfg.export.retry_max_s = 1.0
+    cfg.events.endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = DaemonProcess(cfg, tmp_path / "daemon")
+    peer = StoreSCP(tmp_path / "received", dest_port)
+    yield daemon, peer
+    daemon.stop()
+    peer.stop()
+
+
+class Subscriber:
+    """Collects every event the daemon publishes, from before the study is sent."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(endpoint)
+        self.events: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                self.events.append(decode(self.sock.recv_multipart())[0])
+
+    def wait_for_health(self, timeout_s: float = 20.0) -> None:
+        """PUB drops to slow joiners: wait until the subscription is live (a health event arrives)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not any(e.topic == "health" for e in self.events):
+            time.sleep(0.05)
+        assert any(e.topic == "health" for e in self.events), "no health event: subscription not live"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close(0)
+
+
+def test_study_in_derived_series_out_with_every_event_in_order(tmp_path, setup):
+    daemon, peer = setup
+    daemon.cfg.events.health_interval_s = 0.2
+    study = write_synthetic_ct(tmp_path / "study", shape_zyx=(24, 128, 128), dose_fraction=0.25, seed=5,
+                               z_start_mm=180)
+    peer.start()
+    daemon.start()
+    sub = Subscriber(daemon.cfg.events.endpoint)
+    try:
+        sub.wait_for_health()
+        assert storescu(daemon.cfg.node.port, study.paths).returncode == 0
+        files = peer.wait_for(24)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(e.topic == "export.done" for e in sub.events):
+            time.sleep(0.05)
+    finally:
+        sub.close()
+
+    # What the peer stored: a proper derived series of the same study.
+    received = [pydicom.dcmread(p) for p in files]
+    assert {ds.StudyInstanceUID for ds in received} == {study.study_uid}
+    (derived_uid,) = {ds.SeriesInstanceUID for ds in received}
+    assert derived_uid != study.series_uid
+    assert all(list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"] for ds in received)
+    source_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in study.paths}
+    referenced = {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in received}
+    assert referenced == source_uids
+    assert all(ds.ReferencedSeriesSequence[0].SeriesInstanceUID == study.series_uid for ds in received)
+    (vol,) = assemble_series(files, daemon.cfg.assembly).volumes
+    assert np.max(np.abs(vol.voxels - study.hu[::-1])) <= 0.5  # HU round-trip
+    n = study.hu.shape[0]
+    np.testing.assert_allclose(vol.geometry.slice_position(0), study.geometry.slice_position(n - 1), atol=1e-3)
+    np.testing.assert_allclose(vol.geometry.axes, [[0, 0, 1], [0, 1, 0], [1, 0, 0]], atol=1e-6)
+    assert peer.requests == 24  # each instance once
+
+    # Every topic of the study, in order, with the documented schema (decode validated each).
+    topics = [e.topic for e in sub.events if e.topic != "health" and e.series_uid == study.series_uid]
+    assert topics == ["series.received", "job.queued", "job.started", "stage.done", "job.done", "export.done"]
+    done = next(e for e in sub.events if e.topic == "export.done")
+    assert done.derived_series_uid == derived_uid and done.instances == 24 and done.end_to_end_s > 0
+
+    # Sources are released once the destination has the whole series.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and daemon.query("SELECT state FROM series")[0][0] != "released":
+        time.sleep(0.1)
+    assert daemon.query("SELECT state FROM series") == [("released",)]
+    assert not (daemon.cfg.storage.root / "series" / study.series_uid).exists()
+    assert daemon.terminate() == 0
+
+
+def test_destination_down_then_back_with_a_restart_between_sends_each_instance_once(tmp_path, setup):
+    daemon, peer = setup
+    study = write_synthetic_ct(tmp_path / "study", shape_zyx=(12, 64, 64), seed=9)
+    daemon.start()
+    assert storescu(daemon.cfg.node.port, study.paths).returncode == 0
+
+    def outbox(sql: str):
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{daemon.cfg.storage.root / 'outbox.sqlite'}?mode=ro", uri=True)
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+
+    deadline = time.monotonic() + 30  # the destination is down: retries pile up
+    while time.monotonic() < deadline:
+        if (daemon.cfg.storage.root / "outbox.sqlite").exists():
+            rows = outbox("SELECT attempts, state FROM outbox")
+            if rows and rows[0][0] >= 2:
+                break
+        time.sleep(0.1)
+    assert rows and rows[0][0] >= 2 and rows[0][1] == "pending", rows
+
+    assert daemon.terminate() == 0  # the appliance restarts meanwhile
+    daemon.start()
+    peer.start()  # the destination comes back
+    files = peer.wait_for(12)
+    assert len(files) == 12 and peer.requests == 12  # delivered, nothing twice
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and outbox("SELECT state FROM outbox") != [("sent",)]:
+        time.sleep(0.1)
+    assert outbox("SELECT state FROM outbox") == [("sent",)]
+    retries = [e for e in daemon.logs() if e.get("event") == "export.retry"]
+    assert len(retries) >= 2
