@@ -65,9 +65,9 @@ def test_unit_passes_systemd_analyze_verify_without_messages(tmp_path: Path) -> 
     here = Path(sys.executable).parent / "appliance"
     assert here.exists(), f"{here} missing: pip install -e . in the venv"
     text = UNIT.read_text()
-    assert f"ExecStart={SHIPPED_EXEC} " in text
+    assert f"ExecStart={SHIPPED_EXEC} run" in text
     copy = tmp_path / "appliance.service"
-    copy.write_text(text.replace(f"ExecStart={SHIPPED_EXEC} ", f"ExecStart={here} "))
+    copy.write_text(text.replace(f"ExecStart={SHIPPED_EXEC} run", f"ExecStart={here} run"))
 
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     # verify exits 0 even on an unknown key or an unparsable value (it only logs "Unknown key",
@@ -83,7 +83,7 @@ def test_unit_is_notify_type_with_watchdog_and_restart(unit) -> None:
     assert service["NotifyAccess"] == ["main"]
     assert int(service["WatchdogSec"][0]) == 30
     assert service["Restart"] == ["on-failure"]
-    assert service["ExecStart"] == [f"{SHIPPED_EXEC} run --config /etc/appliance/appliance.toml"]
+    assert service["ExecStart"] == [f"{SHIPPED_EXEC} run"]
     # Daemon.stop drains SCP, assembler, worker and exporter one after another, 30 s each at most.
     assert int(service["TimeoutStopSec"][0]) >= 4 * 30
 
