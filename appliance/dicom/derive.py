@@ -217,7 +217,7 @@ def _base_dataset(volume: Volume, sop_class: str) -> Dataset:
     ds = Dataset()
     for elem in header:  # a fresh, deep copy: the assembler's header is shared and must not change
         tag = elem.tag
-        if tag.is_private or tag.group == 0x0002 or tag.element == 0 or 0x5000 <= tag.group <= 0x60FF:
+        if tag.is_private or tag.group == 0x0002 or tag.element == 0 or (tag.group & 0xFF00) in (0x5000, 0x6000):
             continue  # private data, file meta, group lengths, curves and overlays of the first slice
         ds.add(copy.deepcopy(elem))
     ds.remove_private_tags()
@@ -249,8 +249,8 @@ def _series_attributes(ds: Dataset, volume: Volume, pipeline: str, version: str,
     ds.StudyInstanceUID = src.study_uid
     ds.Modality = src.modality or "OT"
     ds.SeriesInstanceUID = derived_series_uid(src.series_uid, volume.label, pipeline, version, uid_root)
-    suffix = f" [{pipeline}]"[:64]
-    ds.SeriesDescription = str(ds.get("SeriesDescription", "") or "")[: 64 - len(suffix)] + suffix
+    description, suffix = str(ds.get("SeriesDescription") or "").strip(), f" [{pipeline}]"[:64]
+    ds.SeriesDescription = description[: 64 - len(suffix)] + suffix if description else suffix.strip()
     try:
         source_number = int(ds.get("SeriesNumber"))
     except (TypeError, ValueError):

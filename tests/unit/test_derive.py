@@ -80,7 +80,8 @@ def test_derived_series_is_in_the_source_study_and_points_back_to_every_source_s
     datasets = derive_datasets(vol, "denoise", "1.2.0", ROOT, series_number_offset=1000)
     src = vol.header
     assert len(datasets) == vol.shape[0]
-    assert {d.SeriesInstanceUID for d in datasets} == {derived_series_uid(src.SeriesInstanceUID, "", "denoise", "1.2.0", ROOT)}
+    expected_series_uid = derived_series_uid(src.SeriesInstanceUID, "", "denoise", "1.2.0", ROOT)
+    assert {d.SeriesInstanceUID for d in datasets} == {expected_series_uid}
     refs = []
     for k, d in enumerate(datasets):
         assert d.SOPClassUID == CTImageStorage and d.file_meta.MediaStorageSOPClassUID == CTImageStorage
@@ -295,3 +296,13 @@ def test_volume_not_one_to_one_with_source_slices_references_the_series(tmp_path
         refs = [r.ReferencedSOPInstanceUID for r in d.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
         assert tuple(refs) == vol.source.sop_instance_uids
     assert len({d.SOPInstanceUID for d in datasets}) == half.shape[0]
+
+
+def test_volume_without_a_header_still_gives_valid_instances(tmp_path):
+    vol = replace(_source_volume(tmp_path), header=None)
+    a = derive_datasets(vol, "passthrough", "0.1.0", ROOT)
+    b = derive_datasets(vol, "passthrough", "0.1.0", ROOT)
+    d = a[0]
+    assert d.StudyInstanceUID == vol.source.study_uid and d.SeriesNumber == 1000
+    assert "PatientName" in d and not d.PatientName and d.SeriesDescription == "[passthrough]"
+    assert d.FrameOfReferenceUID == b[0].FrameOfReferenceUID  # made up, but the same on every run
