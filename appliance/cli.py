@@ -127,7 +127,7 @@ def _cmd_events_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_events_tail(args: argparse.Namespace) -> int:
-    from appliance.events import tail
+    from appliance.events_tail import tail
 
     try:
         tail(args.endpoint, topics=args.topic or (), count=args.count, timeout_s=args.timeout)

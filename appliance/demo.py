@@ -145,7 +145,7 @@ def main() -> int:
     print(f"demo workspace: {work}")
 
     t0 = time.perf_counter()
-    study = write_synthetic_ct(work / "study", shape_zyx=SHAPE_ZYX, dose_fraction=DOSE, seed=1, z_start_mm=Z_START_MM)
+    write_synthetic_ct(work / "study", shape_zyx=SHAPE_ZYX, dose_fraction=DOSE, seed=1, z_start_mm=Z_START_MM)
     print(f"synthetic CT at {DOSE:g} of full dose: {SHAPE_ZYX[2]}x{SHAPE_ZYX[1]}x{SHAPE_ZYX[0]}, "
           f"made in {time.perf_counter() - t0:.1f} s")
 

@@ -7,6 +7,7 @@ until one arrives, and only then the events it checks; late warm-ups are skipped
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import re
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pydantic
@@ -40,8 +42,8 @@ from appliance.events import (
     decode,
     encode,
     schema,
-    tail,
 )
+from appliance.events_tail import tail
 from tests.helpers import free_port
 
 WARMUP = "warm-up"
@@ -71,21 +73,24 @@ def _one_of_each() -> list:
     ]
 
 
-class _Subscribers(zmq.Context):
-    """A context that closes the subscriber sockets it made when the test ends."""
-
-    def close_all(self) -> None:
-        for sock in getattr(self, "made", []):
-            sock.close(linger=0)
-        self.term()
-
-
 @pytest.fixture
-def ctx():
-    c = _Subscribers()
-    c.made = []
-    yield c
-    c.close_all()
+def subscribe():
+    """Makes SUB sockets subscribed to everything; closes them when the test ends."""
+    ctx, made = zmq.Context(), []
+
+    def make(endpoint: str, keys: tuple[bytes, bytes, bytes] | None = None) -> zmq.Socket:
+        sub = ctx.socket(zmq.SUB)
+        made.append(sub)
+        if keys is not None:
+            sub.curve_publickey, sub.curve_secretkey, sub.curve_serverkey = keys
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(endpoint)
+        return sub
+
+    yield make
+    for sub in made:
+        sub.close(linger=0)
+    ctx.term()
 
 
 @pytest.fixture
@@ -94,16 +99,6 @@ def publisher():
     pub.start()
     yield pub
     pub.stop(linger_s=0.2)
-
-
-def _subscriber(ctx: zmq.Context, endpoint: str, keys: tuple[bytes, bytes, bytes] | None = None) -> zmq.Socket:
-    sub = ctx.socket(zmq.SUB)
-    ctx.made.append(sub)
-    if keys is not None:
-        sub.curve_publickey, sub.curve_secretkey, sub.curve_serverkey = keys
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(endpoint)
-    return sub
 
 
 def _join(pub: Publisher, sub: zmq.Socket, timeout_s: float = 5.0) -> None:
@@ -129,8 +124,8 @@ def _receive(sub: zmq.Socket, n: int, timeout_s: float = 5.0) -> list[tuple]:
     return got
 
 
-def test_every_topic_arrives_in_publish_order_as_its_own_model(publisher, ctx):
-    sub = _subscriber(ctx, publisher.endpoint)
+def test_every_topic_arrives_in_publish_order_as_its_own_model(publisher, subscribe):
+    sub = subscribe(publisher.endpoint)
     _join(publisher, sub)
     sent = _one_of_each()
     assert {e.topic for e in sent} == set(TOPICS)
@@ -149,8 +144,8 @@ def test_endpoint_reports_the_real_port_of_a_wildcard_bind(publisher):
     assert not publisher.endpoint.endswith(":0")
 
 
-def test_float32_volume_on_job_done_arrives_intact_with_buffer_info(publisher, ctx):
-    sub = _subscriber(ctx, publisher.endpoint)
+def test_float32_volume_on_job_done_arrives_intact_with_buffer_info(publisher, subscribe):
+    sub = subscribe(publisher.endpoint)
     _join(publisher, sub)
     volume = np.arange(24, dtype=np.float32).reshape(2, 3, 4) * 0.5 - 3.0
     event = _one_of_each()[5]
@@ -164,8 +159,25 @@ def test_float32_volume_on_job_done_arrives_intact_with_buffer_info(publisher, c
     assert event.buffer is None and event.appliance == ""  # the caller's event is left as it was
 
 
-def test_non_contiguous_buffer_is_sent_in_c_order(publisher, ctx):
-    sub = _subscriber(ctx, publisher.endpoint)
+def test_start_raises_when_the_endpoint_is_taken(publisher):
+    second = Publisher(EventsConfig(endpoint=publisher.endpoint))
+    with pytest.raises(zmq.ZMQError):
+        second.start()
+    assert second.endpoint is None
+
+
+def test_caller_may_drop_a_large_buffer_right_after_publishing(publisher, subscribe):
+    sub = subscribe(publisher.endpoint)
+    _join(publisher, sub)
+    n = zmq.COPY_THRESHOLD  # float32: 4x the size below which pyzmq copies anyway, so really zero-copy
+    publisher.publish(_one_of_each()[5], np.arange(n, dtype=np.float32))  # no reference kept here
+    gc.collect()
+    [(_, array)] = _receive(sub, 1)
+    np.testing.assert_array_equal(array, np.arange(n, dtype=np.float32))
+
+
+def test_non_contiguous_buffer_is_sent_in_c_order(publisher, subscribe):
+    sub = subscribe(publisher.endpoint)
     _join(publisher, sub)
     volume = np.arange(60, dtype=np.int16).reshape(3, 4, 5).transpose(2, 0, 1)
     publisher.publish(_one_of_each()[5], volume)
@@ -239,13 +251,13 @@ def test_frames_that_disagree_with_the_header_fail():
 def test_naive_datetimes_are_refused_and_others_kept_in_utc():
     with pytest.raises(pydantic.ValidationError, match="naive"):
         JobQueued(pipeline="p", label="l", shape=[1], queued_at=datetime(2025, 1, 1))
-    cet = datetime(2025, 1, 1, 11, 0, tzinfo=UTC).astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin"))
+    cet = datetime(2025, 1, 1, 11, 0, tzinfo=UTC).astimezone(ZoneInfo("Europe/Berlin"))
     assert JobQueued(pipeline="p", label="l", shape=[1], queued_at=cet).queued_at.utcoffset() == timedelta(0)
     assert _warmup().time.tzinfo is not None
 
 
-def test_publishing_from_many_threads_at_once_delivers_everything(publisher, ctx):
-    sub = _subscriber(ctx, publisher.endpoint)
+def test_publishing_from_many_threads_at_once_delivers_everything(publisher, subscribe):
+    sub = subscribe(publisher.endpoint)
     _join(publisher, sub)
     threads_n, per_thread = 8, 100
     start = threading.Barrier(threads_n)
@@ -317,11 +329,11 @@ def _client_keys(keys, name: str) -> tuple[bytes, bytes, bytes]:
     return public, secret, zmq.auth.load_certificate(keys / "server.key")[0]
 
 
-def test_curve_admits_an_allowed_subscriber_and_not_an_unknown_key(curve_publisher, ctx):
+def test_curve_admits_an_allowed_subscriber_and_not_an_unknown_key(curve_publisher, subscribe):
     pub, keys = curve_publisher
-    alice = _subscriber(ctx, pub.endpoint, _client_keys(keys, "alice"))
-    mallory = _subscriber(ctx, pub.endpoint, _client_keys(keys, "mallory"))
-    plain = _subscriber(ctx, pub.endpoint)
+    alice = subscribe(pub.endpoint, _client_keys(keys, "alice"))
+    mallory = subscribe(pub.endpoint, _client_keys(keys, "mallory"))
+    plain = subscribe(pub.endpoint)
     _join(pub, alice)
     sent = _one_of_each()
     deadline = time.monotonic() + 0.5

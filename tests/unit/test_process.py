@@ -30,6 +30,7 @@ def test_process_writes_the_derived_series_without_network(tmp_path: Path):
     (vol,) = assemble_series(files, AssemblyConfig()).volumes
     assert np.max(np.abs(vol.voxels - study.hu[::-1])) <= 0.5
     again = _cli("process", tmp_path / "in", tmp_path / "out2")  # a re-run gives the same UIDs
+    assert again.returncode == 0, again.stderr
     assert [p.name for p in (tmp_path / "out2").iterdir()] == [series_dir.name]
 
 
