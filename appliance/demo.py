@@ -20,15 +20,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import zmq
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from appliance.dicom.scu import SendError, echo, send_folder
-from appliance.events import decode
+from appliance.events_tail import Subscription
 from appliance.synth.study import write_synthetic_ct
 
 SHAPE_ZYX = (64, 512, 512)
@@ -66,32 +64,6 @@ class ReceivingPeer:
         self.server.shutdown()
 
 
-class EventLog:
-    def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.connect(endpoint)
-        self.events: list = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            if poller.poll(100):
-                self.events.append(decode(self.sock.recv_multipart())[0])
-
-    def first(self, topic: str):
-        return next((e for e in self.events if e.topic == topic), None)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close(0)
-
-
 def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log: Path):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -105,7 +77,7 @@ def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log: P
     raise RuntimeError(f"timed out after {timeout_s} s waiting for {what}; daemon log: {log}")
 
 
-def _table(ev: EventLog, t_send0: float, t_sent: float, t_last_arrival: float) -> list[tuple[str, float]]:
+def _table(ev: Subscription, t_send0: float, t_sent: float, t_last_arrival: float) -> list[tuple[str, float]]:
     received, queued = ev.first("series.received"), ev.first("job.queued")
     started, done, exported = ev.first("job.started"), ev.first("job.done"), ev.first("export.done")
     rows = [
@@ -152,7 +124,7 @@ def main() -> int:
     peer = ReceivingPeer(work / "received", peer_port)
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "run"], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    events = EventLog(endpoint)
+    events = Subscription(endpoint)
     code = 1
     try:
         def ready():

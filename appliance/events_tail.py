@@ -158,3 +158,45 @@ def tail(endpoint: str, topics: Sequence[str] = (), count: int | None = None, ti
         sock.close(linger=0)
         ctx.term()
     return printed
+
+
+class Subscription:
+    """Collects every event published on ``endpoint`` in a background thread (for the demo, QA
+    scripts and tests). PUB drops to slow joiners: events published before the subscription is
+    live are missed; `wait_for("health")` is a way to know it is live."""
+
+    def __init__(self, endpoint: str, topics: Sequence[str] = ()) -> None:
+        import threading
+
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        for topic in topics or ("",):
+            self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._sock.connect(endpoint)
+        self.events: list[_EventBase] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-subscription", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                self.events.append(decode(self._sock.recv_multipart())[0])
+
+    def first(self, topic: str) -> _EventBase | None:
+        return next((e for e in list(self.events) if e.topic == topic), None)
+
+    def wait_for(self, topic: str, timeout_s: float) -> _EventBase | None:
+        deadline = _time.monotonic() + timeout_s
+        while _time.monotonic() < deadline:
+            event = self.first(topic)
+            if event is not None:
+                return event
+            _time.sleep(0.02)
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close(0)

@@ -6,6 +6,9 @@ import socket
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from appliance.synth.series import SeriesSpec, write_ct_series
 from appliance.volume import Geometry
@@ -48,3 +51,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_enhanced_ct(path: Path, hu: np.ndarray, geom: Geometry, slice_thickness: float | None = None) -> None:
+    """An Enhanced CT instance: all slices as frames, geometry and rescale (-1000) in functional groups."""
+    ds = Dataset()
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID, ds.SeriesNumber = "CT", "ENH^PHANTOM", "ENH-1", 3
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.NumberOfFrames = hu.shape[0]
+    ds.Rows, ds.Columns = hu.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    shared = Dataset()
+    pm = Dataset(); pm.PixelSpacing = list(geom.spacing_zyx[1:]); pm.SliceThickness = slice_thickness or geom.spacing_zyx[0]
+    po = Dataset(); po.ImageOrientationPatient = geom.image_orientation
+    pv = Dataset(); pv.RescaleSlope, pv.RescaleIntercept, pv.RescaleType = 1, -1000, "HU"
+    voi = Dataset(); voi.WindowCenter, voi.WindowWidth = 40, 400
+    shared.PixelMeasuresSequence = Sequence([pm])
+    shared.PlaneOrientationSequence = Sequence([po])
+    shared.PixelValueTransformationSequence = Sequence([pv])
+    shared.FrameVOILUTSequence = Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per = []
+    for k in range(hu.shape[0]):
+        f = Dataset(); pp = Dataset()
+        pp.ImagePositionPatient = [float(v) for v in geom.slice_position(k)]
+        f.PlanePositionSequence = Sequence([pp])
+        per.append(f)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.PixelData = (hu + 1000).astype(np.int16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)

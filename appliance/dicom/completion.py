@@ -8,10 +8,10 @@ timing from its last instance, and one that was complete but not yet handed on i
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
+from appliance.background import BackgroundLoop
 from appliance.config import CompletionConfig
 from appliance.dicom.spool import COMPLETE, RECEIVING, SeriesRow, Spool
 from appliance.logging import get_logger
@@ -28,16 +28,17 @@ def is_due(row: SeriesRow, now: float, idle_seconds: float) -> str | None:
     return None
 
 
-class CompletionWatcher:
-    """Polls the index and hands each completed series to ``on_complete`` exactly once per generation."""
+class CompletionWatcher(BackgroundLoop):
+    """Polls the index and hands each completed series to ``on_complete`` exactly once per generation.
+    `notify()` (an instance arrived) makes it check at once rather than at the next poll."""
+
+    thread_name = "completion"
 
     def __init__(self, spool: Spool, cfg: CompletionConfig, on_complete: Callable[[SeriesRow], None]) -> None:
+        super().__init__(cfg.poll_interval_s)
         self.spool = spool
         self.cfg = cfg
         self.on_complete = on_complete
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def poll_once(self, now: float | None = None) -> list[SeriesRow]:
         now = time.time() if now is None else now
@@ -67,29 +68,6 @@ class CompletionWatcher:
         except Exception:
             log.exception("series.hand_on_failed", series_uid=row.series_uid)
 
-    def notify(self) -> None:
-        """An instance arrived: check now rather than at the next poll."""
-        self._wake.set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:
-                log.exception("completion.poll_failed")
-            self._wake.wait(self.cfg.poll_interval_s)
-            self._wake.clear()
+    def tick(self) -> bool:
+        self.poll_once()
+        return False

@@ -45,6 +45,7 @@ from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage
 from pydicom.valuerep import format_number_as_ds
 
 from appliance import __version__
+from appliance.fsutil import fsync_dir
 from appliance.logging import get_logger
 from appliance.volume import Volume
 
@@ -377,14 +378,6 @@ def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     return meta
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_derived(datasets: list[Dataset], out_dir: Path) -> list[Path]:
     """Write each dataset as ``<SOPInstanceUID>.dcm`` under ``out_dir``; returns the paths in slice
     order. Each file is written under a temporary name, fsynced and renamed into place, then the
@@ -393,7 +386,7 @@ def write_derived(datasets: list[Dataset], out_dir: Path) -> list[Path]:
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     if created:
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     paths = []
     for ds in datasets:
         path = out_dir / f"{ds.SOPInstanceUID}.dcm"
@@ -404,5 +397,5 @@ def write_derived(datasets: list[Dataset], out_dir: Path) -> list[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         paths.append(path)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return paths

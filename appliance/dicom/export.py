@@ -21,6 +21,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from appliance.background import BackgroundLoop
 from appliance.config import Destination, ExportConfig
 from appliance.db import connect
 from appliance.logging import get_logger
@@ -241,9 +242,11 @@ def store_series(
             assoc.release()
 
 
-class Exporter:
+class Exporter(BackgroundLoop):
     """Background sender. ``on_sent(entry)`` when a destination has the whole series;
     ``on_gave_up(entry)`` when an entry passed its give-up time."""
+
+    thread_name = "exporter"
 
     def __init__(
         self,
@@ -254,15 +257,13 @@ class Exporter:
         on_sent: Callable[[Entry], None],
         on_gave_up: Callable[[Entry], None],
     ) -> None:
+        super().__init__(interval_s=0.5)
         self.outbox = outbox
         self.destinations = destinations
         self.cfg = cfg
         self.calling_ae = calling_ae
         self.on_sent = on_sent
         self.on_gave_up = on_gave_up
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def backoff_s(self, attempts: int) -> float:
         return min(self.cfg.retry_max_s, self.cfg.retry_initial_s * 2 ** max(0, attempts - 1))
@@ -299,7 +300,7 @@ class Exporter:
     def run_due(self) -> int:
         n = 0
         for entry in self.outbox.due():
-            if self._stop.is_set():
+            if self.stopping:
                 break
             try:
                 self.attempt(entry)
@@ -308,25 +309,6 @@ class Exporter:
             n += 1
         return n
 
-    def notify(self) -> None:
-        self._wake.set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.run_due()
-            self._wake.wait(0.5)
-            self._wake.clear()
+    def tick(self) -> bool:
+        self.run_due()
+        return False

@@ -33,6 +33,7 @@ import pydicom
 from appliance.config import LimitsConfig
 from appliance.db import connect
 from appliance.dicom.validate import STATUS_OUT_OF_RESOURCES, InstanceHeader, InstanceRefused
+from appliance.fsutil import fsync_dir
 from appliance.logging import get_logger
 
 log = get_logger(__name__)
@@ -112,14 +113,6 @@ class SeriesRow:
     completed_at: float | None
     reason: str | None
     instance_count: int
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_hashing(src: Path, dst: Path) -> str:
@@ -297,9 +290,9 @@ class Spool:
             name = f"{header.sop_instance_uid}.dcm" if version == 1 else f"{header.sop_instance_uid}.v{version}.dcm"
             final = series_path / name
             os.replace(tmp, final)
-            _fsync_dir(series_path)
+            fsync_dir(series_path)
             if new_dir:
-                _fsync_dir(self.series_dir)
+                fsync_dir(self.series_dir)
             rel = str(final.relative_to(self.root))
             reopened = self._index(header, rel, version, sha, size, calling_ae, peer_address, now)
         kind = "stored" if version == 1 else "new_version"

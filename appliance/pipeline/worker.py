@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from appliance.background import BackgroundLoop
 from appliance.config import ApplianceConfig
 from appliance.dicom.assemble import assemble_series
 from appliance.dicom.derive import derive_datasets, write_derived
@@ -33,7 +34,9 @@ def _utc(ts: float):
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-class Worker:
+class Worker(BackgroundLoop):
+    thread_name = "pipeline-worker"
+
     def __init__(
         self,
         cfg: ApplianceConfig,
@@ -43,6 +46,7 @@ class Worker:
         publisher: Publisher,
         on_exporting: Callable[[Job], None],
     ) -> None:
+        super().__init__(interval_s=1.0)
         self.cfg = cfg
         self.spool = spool
         self.jobs = jobs
@@ -51,17 +55,13 @@ class Worker:
         self.on_exporting = on_exporting
         self._volumes: dict[int, Volume] = {}  # fresh volumes handed over by the assembler
         self._volumes_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.busy_since: float | None = None
 
     # ---- hand-over -------------------------------------------------------------------------
     def submit(self, job: Job, volume: Volume) -> None:
         """Keep the assembled volume for ``job`` (saves assembling it again) and wake up."""
         with self._volumes_lock:
             self._volumes[job.id] = volume
-        self._wake.set()
+        self.notify()
 
     def _volume_for(self, job: Job) -> Volume:
         with self._volumes_lock:
@@ -147,36 +147,15 @@ class Worker:
         self.jobs.failed(job.id, reason, detail)
 
     # ---- thread ----------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pipeline-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Finish the job in hand (it is never cut off half-written), then stop."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def notify(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            job = self.jobs.take_next()
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            self.busy_since = time.monotonic()
-            try:
-                self.process(job)
-            except Exception as exc:  # a bug must not kill the worker: fail the job, go on
-                log.exception("job.crashed", job_id=job.id)
-                self.jobs.failed(job.id, "internal_error", f"{type(exc).__name__}: {exc}")
-            finally:
-                self.busy_since = None
+    def tick(self) -> bool:
+        """Process the next queued job; False when there was none. Stopping waits for the job in
+        hand: it is never cut off half-written."""
+        job = self.jobs.take_next()
+        if job is None:
+            return False
+        try:
+            self.process(job)
+        except Exception as exc:  # a bug must not kill the worker: fail the job, go on
+            log.exception("job.crashed", job_id=job.id)
+            self.jobs.failed(job.id, "internal_error", f"{type(exc).__name__}: {exc}")
+        return True

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-import zmq
 
 from appliance.config import ApplianceConfig, Destination
 from appliance.dicom.assemble import assemble_series
-from appliance.events import decode
+from appliance.events_tail import Subscription
 from appliance.synth.study import write_synthetic_ct
 from tests.helpers import free_port
 from tests.integration.daemon_process import DaemonProcess
@@ -86,39 +84,6 @@ def setup(cfg: ApplianceConfig, tmp_path: Path):
     peer.stop()
 
 
-class Subscriber:
-    """Collects every event the daemon publishes, from before the study is sent."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.connect(endpoint)
-        self.events: list = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            if poller.poll(100):
-                self.events.append(decode(self.sock.recv_multipart())[0])
-
-    def wait_for_health(self, timeout_s: float = 20.0) -> None:
-        """PUB drops to slow joiners: wait until the subscription is live (a health event arrives)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not any(e.topic == "health" for e in self.events):
-            time.sleep(0.05)
-        assert any(e.topic == "health" for e in self.events), "no health event: subscription not live"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close(0)
-
-
 def test_study_in_derived_series_out_with_every_event_in_order(tmp_path, setup):
     daemon, peer = setup
     daemon.cfg.events.health_interval_s = 0.2
@@ -126,14 +91,13 @@ def test_study_in_derived_series_out_with_every_event_in_order(tmp_path, setup):
                                z_start_mm=180)
     peer.start()
     daemon.start()
-    sub = Subscriber(daemon.cfg.events.endpoint)
+    sub = Subscription(daemon.cfg.events.endpoint)
     try:
-        sub.wait_for_health()
+        # PUB drops to slow joiners: a health event shows the subscription is live.
+        assert sub.wait_for("health", 20), "no health event: subscription not live"
         assert storescu(daemon.cfg.node.port, study.paths).returncode == 0
         files = peer.wait_for(24)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(e.topic == "export.done" for e in sub.events):
-            time.sleep(0.05)
+        assert sub.wait_for("export.done", 20)
     finally:
         sub.close()
 

@@ -5,21 +5,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import (
-    EnhancedCTImageStorage,
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    RLELossless,
-    generate_uid,
-)
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from appliance.config import AssemblyConfig
 from appliance.dicom.assemble import assemble_series
 from appliance.synth.series import axial_geometry
-from tests.helpers import oblique_geometry, ramp_volume, write_series
+from tests.helpers import oblique_geometry, ramp_volume, write_enhanced_ct, write_series
 
 CFG = AssemblyConfig()
 
@@ -225,45 +216,11 @@ def test_duplicate_positions_without_a_key_are_split_not_dropped(tmp_path, axial
     assert sum(v.shape[0] for v in result.volumes) == 2 * len(paths)
 
 
-def _enhanced_ct(path: Path, hu: np.ndarray, geom) -> None:
-    """An Enhanced CT instance: all slices as frames, geometry in functional groups."""
-    ds = Dataset()
-    ds.SOPClassUID = EnhancedCTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CT"
-    ds.NumberOfFrames = hu.shape[0]
-    ds.Rows, ds.Columns = hu.shape[1:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    shared = Dataset()
-    pm = Dataset(); pm.PixelSpacing = list(geom.spacing_zyx[1:]); pm.SliceThickness = geom.spacing_zyx[0]
-    po = Dataset(); po.ImageOrientationPatient = geom.image_orientation
-    pv = Dataset(); pv.RescaleSlope, pv.RescaleIntercept, pv.RescaleType = 1, -1000, "HU"
-    shared.PixelMeasuresSequence = Sequence([pm])
-    shared.PlaneOrientationSequence = Sequence([po])
-    shared.PixelValueTransformationSequence = Sequence([pv])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per = []
-    for k in range(hu.shape[0]):
-        f = Dataset(); pp = Dataset()
-        pp.ImagePositionPatient = [float(v) for v in geom.slice_position(k)]
-        f.PlanePositionSequence = Sequence([pp])
-        per.append(f)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
-    ds.PixelData = (hu + 1000).astype(np.int16).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_enhanced_multiframe_ct(tmp_path):
     hu = ramp_volume((5, 8, 6))
     geom = oblique_geometry(hu.shape, flip_slices=True)
     path = tmp_path / "enh.dcm"
-    _enhanced_ct(path, hu, geom)
+    write_enhanced_ct(path, hu, geom)
     (vol,) = assemble_series([path], CFG).volumes
     # flip_slices: frame k sits at -k along the normal, so ascending order reverses the frames
     np.testing.assert_array_equal(vol.voxels, hu[::-1])

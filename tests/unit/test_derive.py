@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
@@ -22,7 +22,7 @@ from appliance.dicom.assemble import assemble_series
 from appliance.dicom.derive import DeriveError, derive_datasets, derived_series_uid, hu_rescale, write_derived
 from appliance.synth.series import axial_geometry
 from appliance.volume import Volume
-from tests.helpers import oblique_geometry, ramp_volume, write_series
+from tests.helpers import oblique_geometry, ramp_volume, write_enhanced_ct, write_series
 
 CFG = AssemblyConfig()
 ROOT = "1.2.826.0.1.3680043.8.498."
@@ -196,48 +196,10 @@ def test_hu_rescale_policy():
         hu_rescale(np.array([0.0, np.nan]), "HU")
 
 
-def _enhanced_ct(path: Path, hu: np.ndarray, geom) -> None:
-    """An Enhanced CT instance: all slices as frames, geometry in functional groups (as in test_assemble)."""
-    ds = Dataset()
-    ds.SOPClassUID = EnhancedCTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.Modality, ds.PatientName, ds.PatientID, ds.SeriesNumber = "CT", "ENH^PHANTOM", "ENH-1", 3
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-    ds.PresentationLUTShape = "IDENTITY"
-    ds.NumberOfFrames = hu.shape[0]
-    ds.Rows, ds.Columns = hu.shape[1:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    shared = Dataset()
-    pm = Dataset(); pm.PixelSpacing = list(geom.spacing_zyx[1:]); pm.SliceThickness = 1.5
-    po = Dataset(); po.ImageOrientationPatient = geom.image_orientation
-    pv = Dataset(); pv.RescaleSlope, pv.RescaleIntercept, pv.RescaleType = 1, -1000, "HU"
-    voi = Dataset(); voi.WindowCenter, voi.WindowWidth = 40, 400
-    shared.PixelMeasuresSequence = Sequence([pm])
-    shared.PlaneOrientationSequence = Sequence([po])
-    shared.PixelValueTransformationSequence = Sequence([pv])
-    shared.FrameVOILUTSequence = Sequence([voi])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per = []
-    for k in range(hu.shape[0]):
-        f = Dataset(); pp = Dataset()
-        pp.ImagePositionPatient = [float(v) for v in geom.slice_position(k)]
-        f.PlanePositionSequence = Sequence([pp])
-        per.append(f)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
-    ds.PixelData = (hu + 1000).astype(np.int16).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_enhanced_ct_source_derives_classic_ct_instances_referencing_each_frame(tmp_path):
     hu = ramp_volume((5, 8, 6))
     path = tmp_path / "enh.dcm"
-    _enhanced_ct(path, hu, oblique_geometry(hu.shape, flip_slices=True))
+    write_enhanced_ct(path, hu, oblique_geometry(hu.shape, flip_slices=True), slice_thickness=1.5)
     (vol,) = assemble_series([path], CFG).volumes
     back, datasets = _round_trip(vol, tmp_path / "derived")
     np.testing.assert_array_equal(back.voxels, vol.voxels)
