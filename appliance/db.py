@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 
@@ -16,3 +17,30 @@ def connect(path: Path, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=10000")
     db.executescript(schema)
     return db
+
+
+class Store:
+    """Base of the SQLite-backed stores: one connection, shared by threads under ``_lock``."""
+
+    schema = ""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _open_db(self) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = connect(self.db_path, self.schema)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError(f"{type(self).__name__} is not open")
+        return self._db
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

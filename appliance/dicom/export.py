@@ -11,7 +11,6 @@ Implicit VR Little Endian and pynetdicom encodes it in the one the peer accepts.
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pynetdicom import AE
 
 from appliance.background import BackgroundLoop
 from appliance.config import Destination, ExportConfig
-from appliance.db import connect
+from appliance.db import Store
 from appliance.logging import get_logger
 
 log = get_logger(__name__)
@@ -79,28 +78,23 @@ _COLUMNS = (
 )
 
 
-class Outbox:
+class Outbox(Store):
+    schema = _SCHEMA
+
     def __init__(self, root: Path) -> None:
+        super().__init__(Path(root) / "outbox.sqlite")
         self.root = Path(root)
-        self._lock = threading.Lock()
-        self._db = None
 
     def open(self) -> Outbox:
         (self.root / "outbox").mkdir(parents=True, exist_ok=True)
-        self._db = connect(self.root / "outbox.sqlite", _SCHEMA)
+        self._open_db()
         return self
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
 
     def folder_for(self, derived_series_uid: str) -> Path:
         return self.root / "outbox" / derived_series_uid
 
     def _entry(self, where: str, args: tuple) -> Entry | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE {where}", args).fetchone()
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE {where}", args).fetchone()
         if row is None:
             return None
         values = list(row)
@@ -111,9 +105,9 @@ class Outbox:
         """Record that ``files`` [(SOP Instance UID, path)] must reach ``destination``. Idempotent."""
         now = time.time()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self.db.execute("BEGIN IMMEDIATE")
             try:
-                cur = self._db.execute(
+                cur = self.db.execute(
                     "INSERT OR IGNORE INTO outbox (job_id, destination, derived_series_uid, folder, state,"
                     " created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?)",
                     (job_id, destination, derived_series_uid, str(self.folder_for(derived_series_uid)), PENDING,
@@ -121,20 +115,20 @@ class Outbox:
                 )
                 entry = self._entry("job_id = ? AND destination = ?", (job_id, destination))
                 if cur.rowcount == 1:
-                    self._db.executemany(
+                    self.db.executemany(
                         "INSERT INTO outbox_instances (outbox_id, sop_instance_uid, path) VALUES (?,?,?)",
                         [(entry.id, uid, str(p)) for uid, p in files],
                     )
-                self._db.execute("COMMIT")
+                self.db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self.db.execute("ROLLBACK")
                 raise
         return entry
 
     def due(self, now: float | None = None) -> list[Entry]:
         now = time.time() if now is None else now
         with self._lock:
-            ids = [r[0] for r in self._db.execute(
+            ids = [r[0] for r in self.db.execute(
                 "SELECT id FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id",
                 (PENDING, now),
             )]
@@ -146,12 +140,12 @@ class Outbox:
 
     def for_job(self, job_id: int) -> list[Entry]:
         with self._lock:
-            ids = [r[0] for r in self._db.execute("SELECT id FROM outbox WHERE job_id = ? ORDER BY id", (job_id,))]
+            ids = [r[0] for r in self.db.execute("SELECT id FROM outbox WHERE job_id = ? ORDER BY id", (job_id,))]
             return [self._entry("id = ?", (i,)) for i in ids]
 
     def unsent(self, entry_id: int) -> list[tuple[str, Path]]:
         with self._lock:
-            rows = self._db.execute(
+            rows = self.db.execute(
                 "SELECT sop_instance_uid, path FROM outbox_instances WHERE outbox_id = ? AND sent_at IS NULL"
                 " ORDER BY rowid",
                 (entry_id,),
@@ -160,20 +154,20 @@ class Outbox:
 
     def instance_count(self, entry_id: int) -> int:
         with self._lock:
-            return self._db.execute(
+            return self.db.execute(
                 "SELECT count(*) FROM outbox_instances WHERE outbox_id = ?", (entry_id,)
             ).fetchone()[0]
 
     def mark_instance_sent(self, entry_id: int, sop_instance_uid: str) -> None:
         with self._lock:
-            self._db.execute(
+            self.db.execute(
                 "UPDATE outbox_instances SET sent_at = ? WHERE outbox_id = ? AND sop_instance_uid = ?",
                 (time.time(), entry_id, sop_instance_uid),
             )
 
     def mark_sent(self, entry_id: int, seconds: float) -> None:
         with self._lock:
-            self._db.execute(
+            self.db.execute(
                 "UPDATE outbox SET state = ?, sent_at = ?, seconds = ?, attempts = attempts + 1, last_error = NULL"
                 " WHERE id = ?",
                 (SENT, time.time(), seconds, entry_id),
@@ -181,21 +175,21 @@ class Outbox:
 
     def schedule_retry(self, entry_id: int, error: str, next_attempt_at: float) -> None:
         with self._lock:
-            self._db.execute(
+            self.db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ?",
                 (error, next_attempt_at, entry_id),
             )
 
     def give_up(self, entry_id: int, error: str) -> None:
         with self._lock:
-            self._db.execute(
+            self.db.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ? WHERE id = ?",
                 (GAVE_UP, error, entry_id),
             )
 
     def pending_count(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM outbox WHERE state = ?", (PENDING,)).fetchone()[0]
+            return self.db.execute("SELECT count(*) FROM outbox WHERE state = ?", (PENDING,)).fetchone()[0]
 
     def remove_files(self, derived_series_uid: str) -> None:
         """Delete a derived series' files once every destination has it."""

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from typing import Literal
 import pydicom
 
 from appliance.config import LimitsConfig
-from appliance.db import connect
+from appliance.db import Store
 from appliance.dicom.validate import STATUS_OUT_OF_RESOURCES, InstanceHeader, InstanceRefused
 from appliance.fsutil import fsync_dir
 from appliance.logging import get_logger
@@ -139,45 +137,34 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class Spool:
+class Spool(Store):
     """The durable store of received instances and the series index. Thread-safe."""
 
+    schema = _SCHEMA
+
     def __init__(self, root: Path, limits: LimitsConfig, keep_refused: bool = True) -> None:
+        super().__init__(Path(root) / "index.sqlite")
         self.root = Path(root)
         self.limits = limits
         self.keep_refused = keep_refused
         self.incoming = self.root / "incoming"
         self.series_dir = self.root / "series"
         self.quarantine_dir = self.root / "quarantine"
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def open(self) -> Spool:
         for d in (self.root, self.incoming, self.series_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._db = connect(self.root / "index.sqlite", _SCHEMA)
+        self._open_db()
         self._clear_incoming()
         self._recover_orphans()
         return self
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
 
     def __enter__(self) -> Spool:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("spool is not open")
-        return self._db
 
     def _clear_incoming(self) -> None:
         for part in self.incoming.glob("*.part"):

@@ -8,12 +8,11 @@ nothing new. Jobs found ``running`` at start were cut off by a crash and go back
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.db import connect
+from appliance.db import Store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -83,27 +82,20 @@ def _job(row: tuple) -> Job:
     return Job(*values)
 
 
-class JobQueue:
+class JobQueue(Store):
+    schema = _SCHEMA
+
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = None
+        super().__init__(path)
 
     def open(self) -> JobQueue:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = connect(self.path, _SCHEMA)
+        self._open_db()
         with self._lock:
-            self._db.execute("UPDATE jobs SET state = ? WHERE state = ?", (QUEUED, RUNNING))
+            self.db.execute("UPDATE jobs SET state = ? WHERE state = ?", (QUEUED, RUNNING))
         return self
 
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
     def _one(self, sql: str, args: tuple = ()) -> Job | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {sql}", args).fetchone()
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {sql}", args).fetchone()
         return _job(row) if row else None
 
     def enqueue(
@@ -122,7 +114,7 @@ class JobQueue:
     ) -> tuple[Job, bool]:
         """Queue a job; returns (job, created). Enqueueing the same volume again returns the existing job."""
         with self._lock:
-            cur = self._db.execute(
+            cur = self.db.execute(
                 "INSERT OR IGNORE INTO jobs (series_uid, generation, label, study_uid, calling_ae, pipeline,"
                 " destinations, state, received_first, received_last, completed_at, queued_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -138,7 +130,7 @@ class JobQueue:
             job = self._one("state = ? ORDER BY id LIMIT 1", (QUEUED,))
             if job is None:
                 return None
-            self._db.execute(
+            self.db.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
                 (RUNNING, time.time(), job.id),
             )
@@ -153,7 +145,7 @@ class JobQueue:
             fields["timings"] = json.dumps(fields["timings"])
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._lock:
-            self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+            self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
     def requeue(self, job_id: int, reason: str, detail: str) -> None:
         self._set(job_id, state=QUEUED, reason=reason, detail=detail)
@@ -169,7 +161,7 @@ class JobQueue:
 
     def for_series(self, series_uid: str, generation: int) -> list[Job]:
         with self._lock:
-            rows = self._db.execute(
+            rows = self.db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE series_uid = ? AND generation = ? ORDER BY id",
                 (series_uid, generation),
             ).fetchall()
@@ -178,4 +170,4 @@ class JobQueue:
     def count(self, *states: str) -> int:
         marks = ",".join("?" * len(states))
         with self._lock:
-            return self._db.execute(f"SELECT count(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0]
+            return self.db.execute(f"SELECT count(*) FROM jobs WHERE state IN ({marks})", states).fetchone()[0]
