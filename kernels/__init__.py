@@ -1,0 +1,1 @@
+"""CT reconstruction physics: acquisition geometry, projectors (NumPy reference and CUDA) and scan simulation."""

@@ -1,0 +1,1 @@
+"""Reconstruction algorithms, written once against the `Operator` interface."""
