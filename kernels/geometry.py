@@ -104,6 +104,12 @@ class ProjectionGeometry:
         z = pitch_mm_per_turn * (angles - angles[0]) / (2 * np.pi)
         return cls(Detector(n_u, n_v, du, dv, None, None, shape), sod, sdd, angles, source_z=z)
 
+    def subset(self, views: np.ndarray) -> ProjectionGeometry:
+        """The same acquisition restricted to ``views`` (indices), e.g. one ordered subset."""
+        idx = np.asarray(views)
+        return ProjectionGeometry(self.detector, self.sod, self.sdd, self.angles[idx], self.source_z[idx],
+                                  self.ffs_dphi[idx], self.ffs_dz[idx], self.ffs_drho[idx])
+
     def view_vectors(self) -> np.ndarray:
         """(n_views, 15) float32 per view: focal spot s (3), unit central direction d (3), unit
         detector axes u (3) and v (3), and the nominal focal spot s0 (3) the detector hangs from."""

@@ -26,6 +26,8 @@ _SIGNATURES = {
     "backproject_fdk": [_F, _F, _F, _F, _F, _I, _I, _I, _I, _I, _I, _R, _R, _R, _R, _R, _R, _I],
     "filter_rows": [_F, _F, _F, _I, _I],
     "weight_projections": [_F, _F, _F, _I, _I, _I],
+    "tv_gradient": [_F, _F, _I, _I, _I, _R],
+    "tv_terms": [_F, _F, _I, _I, _I, _R],
 }
 _lock = threading.Lock()
 
@@ -74,6 +76,10 @@ class HostProjector:
         det = geom.detector
         self._det = (det.n_u, det.n_v, float(geom.sdd), float(det.du), float(det.dv), float(u0), float(v0),
                      int(det.shape == "curved"))
+
+    def subset(self, views: np.ndarray) -> HostProjector:
+        """The operator of the views ``views`` only (ordered subsets)."""
+        return HostProjector(self.geom.subset(views), self.grid)
 
     @property
     def volume_shape(self) -> tuple[int, int, int]:
@@ -135,6 +141,23 @@ class HostProjector:
         out = np.empty_like(proj)
         launch("filter_rows", (_blocks(n_u, 64), _blocks(rows, 4), 1), (64, 4, 1), proj, out,
                np.ascontiguousarray(taps, dtype=np.float32), rows, n_u)
+        return out
+
+    def tv_gradient(self, volume: np.ndarray, eps: float) -> np.ndarray:
+        """Gradient of the smoothed isotropic TV of ``volume`` (kernels/src/tv.cu)."""
+        return self._volume_kernel("tv_gradient", volume, eps)
+
+    def tv(self, volume: np.ndarray, eps: float) -> float:
+        """The smoothed isotropic TV of ``volume``."""
+        return float(self._volume_kernel("tv_terms", volume, eps).sum(dtype=np.float64))
+
+    def _volume_kernel(self, name: str, volume: np.ndarray, eps: float) -> np.ndarray:
+        volume = np.ascontiguousarray(volume, dtype=np.float32)
+        nz, ny, nx = volume.shape
+        out = np.empty_like(volume)
+        b = self.BLOCK_VOL
+        launch(name, (_blocks(nx, b[0]), _blocks(ny, b[1]), _blocks(nz, b[2])), b, volume, out, nx, ny, nz,
+               float(eps))
         return out
 
     def weight(self, proj: np.ndarray, w_vu: np.ndarray | None, w_ku: np.ndarray | None) -> np.ndarray:
