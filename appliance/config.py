@@ -145,6 +145,9 @@ class RouteRule(_Section):
     name: str = ""
     calling_ae_titles: list[str] = Field(default_factory=list)
     modalities: list[str] = Field(default_factory=list)
+    data: Literal["images", "projections"] | None = Field(
+        None, description="images (a series of slices) or projections (DICOM-CT-PD); None: either"
+    )
     series_description: str | None = Field(None, description="regular expression, case-insensitive search")
     protocol_name: str | None = Field(None, description="regular expression, case-insensitive search")
     pipeline: str
@@ -159,6 +162,21 @@ class RouteRule(_Section):
             except re.error as exc:
                 raise ValueError(f"not a regular expression: {exc}") from exc
         return v
+
+
+class ReconConfig(_Section):
+    """Reconstruction of CT projection data (the ``recon`` pipeline)."""
+
+    algorithm: Literal["pwls-tv", "os-sart", "fdk"] = "pwls-tv"
+    iterations: int = Field(20, ge=1)
+    subsets: int = Field(4, ge=1)
+    beta: float = Field(0.03, gt=0, description="TV strength (PWLS-TV)")
+    tv_eps_per_mm: float = Field(1e-4, gt=0, description="TV smoothing, 1/mm (1e-4 is about 5 HU)")
+    window: Literal["ram-lak", "shepp-logan", "cosine", "hamming", "hann"] = "hann"
+    matrix: int = Field(512, ge=16, le=2048, description="rows and columns of the reconstructed slices")
+    fov_mm: float = Field(400.0, gt=0)
+    slice_mm: float | None = Field(None, gt=0, description="default: the detector row pitch at the isocentre")
+    slices: int | None = Field(None, ge=1, description="default: what the detector covers across the FOV")
 
 
 class DerivedConfig(_Section):
@@ -204,8 +222,12 @@ class ApplianceConfig(_Section):
         default_factory=lambda: {"console": Destination(ae_title="CONSOLE", host="127.0.0.1", port=11113)}
     )
     routes: list[RouteRule] = Field(
-        default_factory=lambda: [RouteRule(name="default", pipeline="passthrough", destinations=["console"])]
+        default_factory=lambda: [
+            RouteRule(name="projection data", data="projections", pipeline="recon", destinations=["console"]),
+            RouteRule(name="default", pipeline="passthrough", destinations=["console"]),
+        ]
     )
+    recon: ReconConfig = Field(default_factory=ReconConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     derived: DerivedConfig = Field(default_factory=DerivedConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -28,7 +28,8 @@ from appliance.logging import get_logger
 from appliance.pipeline import stages
 from appliance.pipeline.jobs import DONE, EXPORTING, QUEUED, RUNNING, Job, JobQueue
 from appliance.pipeline.routing import route
-from appliance.pipeline.worker import Worker
+from appliance.pipeline.worker import Worker, input_label
+from appliance.volume import Volume
 from appliance import sdnotify
 
 log = get_logger(__name__)
@@ -113,14 +114,16 @@ class Daemon:
 
     def _enqueue(self, row: SeriesRow, result: Assembly, assemble_s: float) -> list[Job]:
         created = []
-        for volume in result.volumes:
-            rule = route(self.cfg.routes, row.calling_ae, volume.header)
+        for item in [*result.volumes, *result.projections]:
+            data = "images" if isinstance(item, Volume) else "projections"
+            label = input_label(item)
+            rule = route(self.cfg.routes, row.calling_ae, item.header, data)
             if rule is None:
-                log.warning("series.unrouted", series_uid=row.series_uid, label=volume.label,
+                log.warning("series.unrouted", series_uid=row.series_uid, label=label, data=data,
                             note="no routing rule matches; the series stays in the spool")
                 continue
             job, new = self.jobs.enqueue(
-                series_uid=row.series_uid, generation=row.generation, label=volume.label,
+                series_uid=row.series_uid, generation=row.generation, label=label,
                 study_uid=row.study_uid, calling_ae=row.calling_ae, pipeline=rule.pipeline,
                 destinations=rule.destinations, received_first=row.first_received,
                 received_last=row.last_received, completed_at=self.spool.series(row.series_uid).completed_at,
@@ -130,9 +133,10 @@ class Daemon:
             created.append(job)
             self.publisher.publish(JobQueued(
                 study_uid=row.study_uid, series_uid=row.series_uid, job_id=job.id, pipeline=job.pipeline,
-                label=job.label, shape=list(volume.shape), queued_at=_utc(job.queued_at),
+                label=job.label, shape=list(item.shape if data == "images" else item.data.shape),
+                queued_at=_utc(job.queued_at),
             ))
-            self.worker.submit(job, volume)
+            self.worker.submit(job, item)
         return created
 
     # ---- export -> release -----------------------------------------------------------------

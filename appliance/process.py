@@ -44,15 +44,19 @@ def series_in_folder(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:
 
 
 def process_folder(input_dir: Path, output_dir: Path, pipeline_name: str, cfg: ApplianceConfig) -> ProcessReport:
-    pipeline = stages.build(pipeline_name)  # KeyError with the list of pipelines if unknown
+    pipeline = stages.build(pipeline_name, cfg)  # KeyError with the list of pipelines if unknown
     by_series, skipped = series_in_folder(input_dir)
     report = ProcessReport(skipped=skipped)
     for series_uid, paths in by_series.items():
         assembly = assemble_series(paths, cfg.assembly)
         if assembly.rejections:
             report.rejected[series_uid] = [f"{r.reason}: {r.detail}" for r in assembly.rejections]
-        for volume in assembly.volumes:
-            result, seconds = pipeline.run(volume)
+        for item in [*assembly.volumes, *assembly.projections]:
+            try:
+                result, seconds = pipeline.run(item)
+            except stages.StageError as exc:
+                report.rejected.setdefault(series_uid, []).append(f"{exc.reason}: {exc.detail}")
+                continue
             datasets = derive_datasets(result, pipeline.name, pipeline.version, cfg.dicom.uid_root,
                                        cfg.derived.series_number_offset)
             uid = str(datasets[0].SeriesInstanceUID)

@@ -25,6 +25,7 @@ from appliance.config import AssemblyConfig
 from appliance.dicom.frames import Frame, frames_of
 from appliance.logging import get_logger
 from appliance.volume import Geometry, SeriesRef, Volume
+from kernels.ctpd import CtpdError, is_ctpd, read_ctpd
 
 log = get_logger(__name__)
 
@@ -48,40 +49,57 @@ class Rejection:
 class Assembly:
     volumes: list[Volume] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    projections: list = field(default_factory=list)  # kernels.ctpd.Projections (CT projection data)
 
     @property
     def rejected(self) -> bool:
-        return not self.volumes
+        return not self.volumes and not self.projections
 
 
 def _join(*labels: str) -> str:
     return ",".join(lbl for lbl in labels if lbl)
 
 
-def _read_headers(paths: list[Path]) -> tuple[list[Frame], dict[Path, pydicom.Dataset], list[Rejection]]:
+def _read_headers(
+    paths: list[Path],
+) -> tuple[list[Frame], dict[Path, pydicom.Dataset], list[Rejection], list[Path]]:
+    """Frames of the image instances, their headers, rejections, and the projection-data files."""
     frames: list[Frame] = []
     headers: dict[Path, pydicom.Dataset] = {}
     rejections: list[Rejection] = []
+    projection_paths: list[Path] = []
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:
             rejections.append(Rejection("unreadable", f"{path.name}: {type(exc).__name__}: {exc}", "", 1))
             continue
+        if is_ctpd(ds):
+            projection_paths.append(path)
+            continue
         if str(ds.get("SOPClassUID", "")) == RawDataStorage:
-            rejections.append(Rejection("not_an_image", "Raw Data instance (projection data path)", "", 1))
+            rejections.append(Rejection("unsupported_raw_data", "Raw Data without DICOM-CT-PD geometry", "", 1))
             continue
         headers[path] = ds
         frames.extend(frames_of(ds, path))
-    return frames, headers, rejections
+    return frames, headers, rejections, projection_paths
+
+
+def _read_projections(paths: list[Path], result: Assembly) -> None:
+    try:
+        result.projections.append(read_ctpd(paths))
+    except CtpdError as exc:
+        result.rejections.append(Rejection(exc.reason, exc.detail, "projections", len(paths)))
 
 
 def assemble_series(paths: list[Path], cfg: AssemblyConfig) -> Assembly:
     """Assemble the instances at ``paths`` (one series) into volumes and rejections."""
-    frames, headers, rejections = _read_headers(paths)
+    frames, headers, rejections, projection_paths = _read_headers(paths)
     result = Assembly(rejections=rejections)
+    if projection_paths:
+        _read_projections(projection_paths, result)
     if not frames:
-        if not rejections:
+        if not rejections and not result.projections:
             result.rejections.append(Rejection("no_images", "the series holds no image frames", "", 0))
         return result
     groups: dict[tuple, list[Frame]] = defaultdict(list)

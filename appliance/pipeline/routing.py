@@ -11,8 +11,11 @@ def _text(header, keyword: str) -> str:
     return str(header.get(keyword, "") or "") if header is not None else ""
 
 
-def matches(rule: RouteRule, calling_ae: str, header) -> bool:
-    """Does ``rule`` apply to a series sent by ``calling_ae`` whose first header is ``header``?"""
+def matches(rule: RouteRule, calling_ae: str, header, data: str = "images") -> bool:
+    """Does ``rule`` apply to a series of ``data`` ("images" or "projections") sent by
+    ``calling_ae`` whose first header is ``header``?"""
+    if rule.data is not None and rule.data != data:
+        return False
     if rule.calling_ae_titles and calling_ae.strip() not in rule.calling_ae_titles:
         return False
     if rule.modalities and _text(header, "Modality") not in rule.modalities:
@@ -23,5 +26,5 @@ def matches(rule: RouteRule, calling_ae: str, header) -> bool:
     return True
 
 
-def route(rules: list[RouteRule], calling_ae: str, header) -> RouteRule | None:
-    return next((r for r in rules if matches(r, calling_ae, header)), None)
+def route(rules: list[RouteRule], calling_ae: str, header, data: str = "images") -> RouteRule | None:
+    return next((r for r in rules if matches(r, calling_ae, header, data)), None)

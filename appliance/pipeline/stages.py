@@ -66,9 +66,17 @@ class Passthrough:
         return volume
 
 
-PipelineFactory = Callable[[], Pipeline]
+def _recon(cfg) -> Pipeline:
+    from appliance.pipeline.recon import recon_pipeline  # numpy kernels load only when used
+
+    return recon_pipeline(cfg)
+
+
+# A factory takes the appliance configuration (or None for defaults) and returns the pipeline.
+PipelineFactory = Callable[[object], Pipeline]
 _REGISTRY: dict[str, PipelineFactory] = {
-    "passthrough": lambda: Pipeline("passthrough", __version__, [Passthrough()]),
+    "passthrough": lambda cfg: Pipeline("passthrough", __version__, [Passthrough()]),
+    "recon": _recon,
 }
 
 
@@ -80,8 +88,9 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str) -> Pipeline:
+def build(name: str, cfg=None) -> Pipeline:
     try:
-        return _REGISTRY[name]()
+        factory = _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown pipeline {name!r}; available: {', '.join(available())}") from None
+    return factory(cfg)

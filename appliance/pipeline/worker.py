@@ -28,6 +28,11 @@ from appliance.volume import Volume
 log = get_logger(__name__)
 
 
+def input_label(item) -> str:
+    """The job label of an assembled input: a volume's split label, or "projections"."""
+    return getattr(item, "label", None) if isinstance(item, Volume) else "projections"
+
+
 def _utc(ts: float):
     from datetime import datetime, timezone
 
@@ -70,9 +75,9 @@ class Worker(BackgroundLoop):
             return volume
         # After a restart: assemble the series again from the spool (deterministic).
         result = assemble_series(self.spool.instance_paths(job.series_uid), self.cfg.assembly)
-        for v in result.volumes:
-            if v.label == job.label:
-                return v
+        for item in [*result.volumes, *result.projections]:
+            if input_label(item) == job.label:
+                return item
         raise stages.StageError("assemble", "volume_missing", f"no volume labelled {job.label!r} in the series now")
 
     # ---- one job ---------------------------------------------------------------------------
@@ -84,7 +89,7 @@ class Worker(BackgroundLoop):
         log.info("job.started", job_id=job.id, pipeline=job.pipeline, series_uid=job.series_uid, attempt=job.attempts)
         try:
             volume = self._volume_for(job)
-            pipeline = stages.build(job.pipeline)
+            pipeline = stages.build(job.pipeline, self.cfg)
             result, stage_seconds = pipeline.run(volume, on_stage_done=lambda name, s: self.publisher.publish(StageDone(
                 study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
                 stage=name, seconds=s, attempt=job.attempts,
@@ -137,7 +142,7 @@ class Worker(BackgroundLoop):
         if self.cfg.pipeline.on_failure == "passthrough":
             try:
                 volume = self._volume_for(job)
-                fallback = stages.build("passthrough")
+                fallback = stages.build("passthrough", self.cfg)
                 result, seconds = fallback.run(volume)
                 result.provenance.append(f"{job.pipeline} failed ({reason}); sent unprocessed")
                 self._deliver(job, result, fallback, seconds)

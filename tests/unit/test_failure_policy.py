@@ -27,7 +27,7 @@ class Exploding:
 
 @pytest.fixture(autouse=True)
 def _broken_pipeline():
-    stages.register("broken", lambda: stages.Pipeline("broken", "0.0.1", [Exploding()]))
+    stages.register("broken", lambda cfg: stages.Pipeline("broken", "0.0.1", [Exploding()]))
     yield
     stages._REGISTRY.pop("broken", None)
 
