@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from appliance import __version__
 from appliance.config import ApplianceConfig
-from appliance.dicom.assemble import Assembly, assemble_series
+from appliance.dicom.assemble import Assembly, Rejection, assemble_series
 from appliance.dicom.completion import CompletionWatcher
 from appliance.dicom.export import Entry, Exporter, Outbox
 from appliance.dicom.scp import StorageSCP
@@ -87,7 +87,11 @@ class Daemon:
 
     def assemble(self, row: SeriesRow) -> Assembly:
         t0 = time.perf_counter()
-        result = assemble_series(self.spool.instance_paths(row.series_uid), self.cfg.assembly)
+        try:
+            result = assemble_series(self.spool.instance_paths(row.series_uid), self.cfg.assembly)
+        except Exception as exc:  # a bug or an input nobody foresaw: reject with a reason, never stick
+            log.exception("assembly.crashed", series_uid=row.series_uid)
+            result = Assembly(rejections=[Rejection("internal_error", f"{type(exc).__name__}: {exc}", "", 0)])
         assemble_s = time.perf_counter() - t0
         if result.rejected:
             reasons = sorted({r.reason for r in result.rejections})
@@ -103,6 +107,7 @@ class Daemon:
             # New instances arrived meanwhile: the next completion makes fresh jobs.
             for job in created:
                 self.jobs.failed(job.id, "superseded", "new instances arrived during assembly")
+                self.worker.discard(job.id)
             log.info("series.superseded", series_uid=row.series_uid)
             return result
         log.info("series.assembled", series_uid=row.series_uid, assemble_s=round(assemble_s, 3),
@@ -156,10 +161,14 @@ class Daemon:
             instances=self.outbox.instance_count(entry.id), attempts=entry.attempts,
             seconds=entry.seconds or 0.0, end_to_end_s=end_to_end,
         ))
-        if job is None or any(e.state != "sent" for e in self.outbox.for_job(job.id)):
+        if job is None or job.state != EXPORTING:
             return
+        entries = self.outbox.for_job(job.id)
+        delivered = {e.destination for e in entries if e.state == "sent"}
+        if not set(job.destinations) <= delivered:
+            return  # another destination still waits: the job is done only when all have it
         self.jobs.done(job.id)
-        self.outbox.remove_files(entry.derived_series_uid)
+        self.outbox.remove_files(entry)
         log.info("job.delivered", job_id=job.id, end_to_end_s=round(end_to_end or 0, 3))
         self._maybe_release(job)
 
@@ -201,9 +210,16 @@ class Daemon:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.spool.open()
-        self.jobs.open()
+        crashed = self.jobs.open(self.cfg.pipeline.max_attempts)
         self.outbox.open()
         self.publisher.start()
+        for job in crashed:
+            log.error("job.crashed", job_id=job.id, series_uid=job.series_uid, attempts=job.attempts)
+            self.publisher.publish(JobFailed(
+                study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, reason="crashed",
+                detail=f"the appliance stopped while processing this job {job.attempts} time(s)",
+                pipeline=job.pipeline,
+            ))
         self._assembler = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
         self._assembler.start()
         self.worker.start()

@@ -151,11 +151,12 @@ def _check_consistent(frames: list[Frame], cfg: AssemblyConfig) -> None:
         raise AssemblyError("unsupported_pixel_format", "only single-sample (greyscale) images form volumes")
     sizes = {(f.rows, f.columns) for f in frames}
     if len(sizes) > 1 or 0 in next(iter(sizes)):
-        raise AssemblyError("inconsistent_size", f"image sizes (rows, columns): {sorted(sizes)}")
+        raise AssemblyError("inconsistent_size", f"image sizes (rows, columns): {sorted(sizes, key=repr)}")
     formats = {(f.pixel_format[0], f.pixel_format[2], f.pixel_format[4]) for f in frames}
     if len(formats) > 1:
         raise AssemblyError(
-            "inconsistent_pixel_format", f"(bits allocated, pixel representation, photometric): {sorted(formats)}"
+            "inconsistent_pixel_format",
+            f"(bits allocated, pixel representation, photometric): {sorted(formats, key=repr)}"
         )
     o = np.stack([f.orientation for f in frames])
     if np.max(np.abs(o - o[0])) > cfg.orientation_tolerance:

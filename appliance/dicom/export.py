@@ -90,8 +90,10 @@ class Outbox(Store):
         self._open_db()
         return self
 
-    def folder_for(self, derived_series_uid: str) -> Path:
-        return self.root / "outbox" / derived_series_uid
+    def folder_for(self, job_id: int, derived_series_uid: str) -> Path:
+        """Where a job writes its derived series: per job, so two jobs that derive the same series
+        (a re-opened series, a re-run) never share or delete each other's files."""
+        return self.root / "outbox" / str(job_id) / derived_series_uid
 
     def _entry(self, where: str, args: tuple) -> Entry | None:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE {where}", args).fetchone()
@@ -101,29 +103,32 @@ class Outbox(Store):
         values[4] = Path(values[4])
         return Entry(*values)
 
-    def add(self, job_id: int, destination: str, derived_series_uid: str, files: list[tuple[str, Path]]) -> Entry:
-        """Record that ``files`` [(SOP Instance UID, path)] must reach ``destination``. Idempotent."""
+    def add(self, job_id: int, destinations: list[str], derived_series_uid: str,
+            files: list[tuple[str, Path]]) -> list[Entry]:
+        """Record, in one transaction, that ``files`` [(SOP Instance UID, path)] must reach every
+        one of ``destinations``. Idempotent: entries that exist are kept as they are."""
         now = time.time()
+        folder = str(self.folder_for(job_id, derived_series_uid))
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                cur = self.db.execute(
-                    "INSERT OR IGNORE INTO outbox (job_id, destination, derived_series_uid, folder, state,"
-                    " created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?)",
-                    (job_id, destination, derived_series_uid, str(self.folder_for(derived_series_uid)), PENDING,
-                     now, now),
-                )
-                entry = self._entry("job_id = ? AND destination = ?", (job_id, destination))
-                if cur.rowcount == 1:
-                    self.db.executemany(
-                        "INSERT INTO outbox_instances (outbox_id, sop_instance_uid, path) VALUES (?,?,?)",
-                        [(entry.id, uid, str(p)) for uid, p in files],
+                for destination in destinations:
+                    cur = self.db.execute(
+                        "INSERT OR IGNORE INTO outbox (job_id, destination, derived_series_uid, folder, state,"
+                        " created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?)",
+                        (job_id, destination, derived_series_uid, folder, PENDING, now, now),
                     )
+                    if cur.rowcount == 1:
+                        entry_id = cur.lastrowid
+                        self.db.executemany(
+                            "INSERT INTO outbox_instances (outbox_id, sop_instance_uid, path) VALUES (?,?,?)",
+                            [(entry_id, uid, str(p)) for uid, p in files],
+                        )
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        return entry
+            return [self._entry("job_id = ? AND destination = ?", (job_id, d)) for d in destinations]
 
     def due(self, now: float | None = None) -> list[Entry]:
         now = time.time() if now is None else now
@@ -191,9 +196,10 @@ class Outbox(Store):
         with self._lock:
             return self.db.execute("SELECT count(*) FROM outbox WHERE state = ?", (PENDING,)).fetchone()[0]
 
-    def remove_files(self, derived_series_uid: str) -> None:
-        """Delete a derived series' files once every destination has it."""
-        shutil.rmtree(self.folder_for(derived_series_uid), ignore_errors=True)
+    def remove_files(self, entry: Entry) -> None:
+        """Delete a job's derived files once every destination has them."""
+        shutil.rmtree(entry.folder.parent if entry.folder.parent.name == str(entry.job_id) else entry.folder,
+                      ignore_errors=True)
 
 
 class DeliveryError(Exception):
@@ -213,7 +219,7 @@ def store_series(
         return  # everything was confirmed before (e.g. by a process that died before recording it)
     datasets = [(uid, pydicom.dcmread(path)) for uid, path in files]
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)

@@ -138,8 +138,11 @@ def frames_of(ds: Dataset, path: Path) -> list[Frame]:
         return [replace(base, frame_index=i, position=None) for i in range(n_frames)]
 
     frames = []
+    if per_frame_seq is not None:
+        # Never trust NumberOfFrames beyond the per-frame groups actually present.
+        n_frames = min(n_frames, len(per_frame_seq))
     for i in range(n_frames):
-        pf = per_frame_seq[i] if per_frame_seq is not None and i < len(per_frame_seq) else None
+        pf = per_frame_seq[i] if per_frame_seq is not None else None
         spacing = _floats(_lookup(pf, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
         slope = _float(_lookup(pf, shared, "PixelValueTransformationSequence", "RescaleSlope"))
         if slope is None:

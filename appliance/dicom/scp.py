@@ -8,6 +8,7 @@ association time (A-ASSOCIATE-RJ).
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,8 +99,8 @@ class StorageSCP:
         if self._server is None:
             return
         server, self._server = self._server, None
+        server.shutdown()  # first: no association can start after the list below is taken
         active = server.active_associations
-        server.shutdown()
         deadline = time.monotonic() + drain_timeout_s
         for assoc in active:
             assoc.join(max(0.0, deadline - time.monotonic()))
@@ -153,9 +154,9 @@ class StorageSCP:
                         sop_instance_uid=str(request.AffectedSOPInstanceUID))
             self.spool.record_refused(path, refusal.reason, refusal.detail, calling, address)
             return _status(refusal.status, f"{refusal.reason}: {refusal.detail}")
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:  # disk or index trouble: out of resources, retry later
             log.error("scp.store_failed", error=str(exc), calling_ae=calling)
-            return _status(STATUS_OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}")
+            return _status(STATUS_OUT_OF_RESOURCES, f"storage error: {getattr(exc, 'strerror', None) or exc}")
         except Exception as exc:  # never let one instance take the association down unanswered
             log.exception("scp.store_failed", calling_ae=calling)
             return _status(STATUS_CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}")

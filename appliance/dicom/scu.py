@@ -44,7 +44,7 @@ class SendReport:
 def echo(host: str, port: int, calling_ae: str = "APPLIANCE_SCU", called_ae: str = "ANY-SCP", timeout_s: float = 10) -> int:
     """C-ECHO; returns the status (0 on success). Raises SendError when no association is made."""
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = timeout_s
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
@@ -93,7 +93,7 @@ def send_folder(
             report.failed.extend((f[0], "too many SOP class/transfer syntax pairs in one series") for f in files)
             continue
         ae = AE(ae_title=calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=called_ae)

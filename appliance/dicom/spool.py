@@ -171,12 +171,17 @@ class Spool(Store):
             part.unlink(missing_ok=True)
 
     def _recover_orphans(self) -> None:
-        """Index files renamed into place by a process that died before its commit."""
+        """Index files renamed into place by a process that died before its commit; delete those
+        of a released series (left by a crash during `release`: delivered, not needed)."""
         known = {row[0] for row in self.db.execute("SELECT path FROM instances")}
+        released = {row[0] for row in self.db.execute("SELECT series_uid FROM series WHERE state = ?", (RELEASED,))}
         for series in self.series_dir.iterdir() if self.series_dir.exists() else []:
             for f in series.glob("*.dcm"):
                 rel = str(f.relative_to(self.root))
                 if rel in known:
+                    continue
+                if series.name in released:
+                    f.unlink(missing_ok=True)
                     continue
                 try:
                     ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -414,7 +419,8 @@ class Spool(Store):
         with self._lock:
             rows = self.db.execute(
                 "SELECT path FROM instances i WHERE series_uid = ? AND version = "
-                " (SELECT max(version) FROM instances j WHERE j.sop_instance_uid = i.sop_instance_uid)"
+                " (SELECT max(version) FROM instances j WHERE j.sop_instance_uid = i.sop_instance_uid"
+                "  AND j.series_uid = i.series_uid)"
                 " ORDER BY received_at, id",
                 (series_uid,),
             ).fetchall()
@@ -432,14 +438,15 @@ class Spool(Store):
             self.db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
             self.db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
             self.db.execute("COMMIT")
-        # Files go after the commit: a crash in between leaves files the index forgets, which
-        # the orphan recovery indexes again (kept, never lost); the reverse would lose data.
-        for rel in rels:
-            (self.root / rel).unlink(missing_ok=True)
-        try:
-            (self.series_dir / series_uid).rmdir()
-        except OSError:
-            pass
+            # Still under the lock, so a re-send of one of these instances cannot be stored (and
+            # acknowledged) in between and then deleted. A crash half-way leaves files of a
+            # released series, which the next start deletes (`_recover_orphans`).
+            for rel in rels:
+                (self.root / rel).unlink(missing_ok=True)
+            try:
+                (self.series_dir / series_uid).rmdir()
+            except OSError:
+                pass
         return len(rels)
 
     def refused(self) -> list[dict]:

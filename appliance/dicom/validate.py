@@ -8,6 +8,7 @@ an `InstanceRefused` carrying the DICOM status and a coded reason.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,10 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Checked before a UID
+# names a directory or a file in the spool (a UID like "../x" must never become a path).
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_FRAMES = 100_000  # frames per instance; more is refused before anything iterates over them
 _PIXEL_DATA = Tag("PixelData")
 _DEFER_BYTES = 64 * 1024
 
@@ -131,7 +136,8 @@ def read_header(
         raise
     except Exception as exc:  # pydicom raises many types on garbage; all mean the same to the sender
         raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "unparseable", f"{type(exc).__name__}: {exc}") from exc
-    _check_lengths(ds, file_size)
+    if not transfer_syntax.is_deflated:  # offsets refer to the inflated stream, not the file
+        _check_lengths(ds, file_size)
 
     sop_class = str(ds.get("SOPClassUID", "")).strip()
     sop_instance = str(ds.get("SOPInstanceUID", "")).strip()
@@ -150,6 +156,17 @@ def read_header(
     missing = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID") if not str(ds.get(kw, "")).strip()]
     if missing:
         raise InstanceRefused(STATUS_DATASET_MISMATCH, "missing_attribute", f"missing {', '.join(missing)}")
+    for keyword, value in (("SOPInstanceUID", sop_instance), ("StudyInstanceUID", str(ds.StudyInstanceUID).strip()),
+                           ("SeriesInstanceUID", str(ds.SeriesInstanceUID).strip())):
+        if len(value) > 64 or not _UID.match(value):
+            raise InstanceRefused(STATUS_DATASET_MISMATCH, "invalid_uid", f"{keyword} is not a valid UID: {value[:70]!r}")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise InstanceRefused(STATUS_DATASET_MISMATCH, "invalid_attribute", "NumberOfFrames is not a number") from None
+    if not 1 <= frames <= MAX_FRAMES:
+        raise InstanceRefused(STATUS_DATASET_MISMATCH, "invalid_attribute",
+                              f"NumberOfFrames {frames} outside 1..{MAX_FRAMES}")
     try:
         _check_pixel_length(ds, transfer_syntax)
     except InstanceRefused:

@@ -88,11 +88,21 @@ class JobQueue(Store):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
 
-    def open(self) -> JobQueue:
+    def open(self, max_attempts: int = 2) -> list[Job]:
+        """Open the queue after a start. Jobs found running were cut off by a crash: those with
+        attempts left go back to the queue; those without fail as ``crashed``, so a study that
+        kills the process cannot make the daemon crash-loop. Returns the jobs failed so."""
         self._open_db()
+        now = time.time()
         with self._lock:
+            crashed = [_job(r) for r in self.db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = ? AND attempts >= ?", (RUNNING, max_attempts))]
+            self.db.execute(
+                "UPDATE jobs SET state = ?, reason = 'crashed', finished_at = ?,"
+                " detail = 'the appliance stopped while processing this job, ' || attempts || ' time(s)'"
+                " WHERE state = ? AND attempts >= ?", (FAILED, now, RUNNING, max_attempts))
             self.db.execute("UPDATE jobs SET state = ? WHERE state = ?", (QUEUED, RUNNING))
-        return self
+        return crashed
 
     def _one(self, sql: str, args: tuple = ()) -> Job | None:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {sql}", args).fetchone()

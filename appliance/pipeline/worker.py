@@ -22,7 +22,7 @@ from appliance.dicom.spool import Spool
 from appliance.events import JobDone, JobFailed, JobStarted, Publisher, StageDone
 from appliance.logging import get_logger
 from appliance.pipeline import stages
-from appliance.pipeline.jobs import Job, JobQueue
+from appliance.pipeline.jobs import RUNNING, Job, JobQueue
 from appliance.volume import Volume
 
 log = get_logger(__name__)
@@ -68,6 +68,11 @@ class Worker(BackgroundLoop):
             self._volumes[job.id] = volume
         self.notify()
 
+    def discard(self, job_id: int) -> None:
+        """Forget the volume kept for a job that will not run (superseded)."""
+        with self._volumes_lock:
+            self._volumes.pop(job_id, None)
+
     def _volume_for(self, job: Job) -> Volume:
         with self._volumes_lock:
             volume = self._volumes.pop(job.id, None)
@@ -81,7 +86,21 @@ class Worker(BackgroundLoop):
         raise stages.StageError("assemble", "volume_missing", f"no volume labelled {job.label!r} in the series now")
 
     # ---- one job ---------------------------------------------------------------------------
+    def _already_exported(self, job: Job) -> bool:
+        """A job requeued after a crash whose derived series was already handed to the outbox for
+        every destination goes straight back to exporting: nothing is computed or sent twice."""
+        entries = self.outbox.for_job(job.id)
+        if not job.destinations or {e.destination for e in entries} < set(job.destinations):
+            return False
+        self.discard(job.id)
+        self.jobs.exporting(job.id, entries[0].derived_series_uid, job.timings)
+        log.info("job.resumed_exporting", job_id=job.id, derived_series_uid=entries[0].derived_series_uid)
+        self.on_exporting(self.jobs.get(job.id))
+        return True
+
     def process(self, job: Job) -> None:
+        if self._already_exported(job):
+            return
         self.publisher.publish(JobStarted(
             study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
             label=job.label, attempt=job.attempts, started_at=_utc(job.started_at or time.time()),
@@ -94,21 +113,24 @@ class Worker(BackgroundLoop):
                 study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
                 stage=name, seconds=s, attempt=job.attempts,
             )))
-        except Exception as exc:
+            self._deliver(job, result, pipeline, stage_seconds)
+        except Exception as exc:  # stages, derive and the outbox alike go through the failure policy
             self._failed(job, exc)
-            return
-        self._deliver(job, result, pipeline, stage_seconds)
 
     def _deliver(self, job: Job, result: Volume, pipeline: stages.Pipeline, stage_seconds: dict[str, float]) -> None:
         t0 = time.perf_counter()
         datasets = derive_datasets(result, pipeline.name, pipeline.version, self.cfg.dicom.uid_root,
                                    self.cfg.derived.series_number_offset)
         derived_uid = str(datasets[0].SeriesInstanceUID)
-        paths = write_derived(datasets, self.outbox.folder_for(derived_uid))
+        paths = write_derived(datasets, self.outbox.folder_for(job.id, derived_uid))
         derive_s = time.perf_counter() - t0
         files = [(str(ds.SOPInstanceUID), p) for ds, p in zip(datasets, paths)]
-        for dest in job.destinations:
-            self.outbox.add(job.id, dest, derived_uid, files)
+        current = self.jobs.get(job.id)
+        if current is not None and current.state != RUNNING:
+            # Superseded while it ran (new instances arrived): its result must not be sent.
+            log.info("job.result_dropped", job_id=job.id, state=current.state, reason=current.reason)
+            return
+        self.outbox.add(job.id, list(job.destinations), derived_uid, files)
         timings = {f"stage:{k}": v for k, v in stage_seconds.items()}
         timings["derive"] = derive_s
         if job.started_at is not None:

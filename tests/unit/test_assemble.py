@@ -227,3 +227,9 @@ def test_enhanced_multiframe_ct(tmp_path):
     assert vol.source.frame_numbers == (5, 4, 3, 2, 1)
     for k in range(5):
         np.testing.assert_allclose(vol.geometry.slice_position(k), geom.slice_position(4 - k), atol=1e-6)
+
+
+def test_missing_pixel_format_attributes_are_a_rejection_not_a_crash(axial):
+    _, paths = axial
+    _edit(paths[3], PixelRepresentation=None)
+    assert _reason(paths) == "inconsistent_pixel_format"

@@ -69,4 +69,35 @@ def test_passthrough_fallback_sends_the_original_after_the_retry(cfg, tmp_path):
     assert [e.topic for e in published if e.topic in ("job.failed", "job.done")] == ["job.failed", "job.failed", "job.done"]
     done = next(e for e in published if e.topic == "job.done")
     assert done.pipeline == "passthrough"
-    assert len(list(outbox.folder_for(done.derived_series_uid).iterdir())) == 3
+    assert len(list(outbox.folder_for(done.job_id, done.derived_series_uid).iterdir())) == 3
+
+
+class NotANumber:
+    name = "nan"
+
+    def __call__(self, volume):
+        volume.voxels[:] = float("nan")  # a result the derived-series writer must refuse
+        return volume
+
+
+def test_a_failure_while_writing_the_result_goes_through_the_same_policy(cfg, tmp_path):
+    stages.register("nan", lambda cfg: stages.Pipeline("nan", "0.0.1", [NotANumber()]))
+    try:
+        cfg.routes = [RouteRule(pipeline="nan", destinations=[])]
+        published = []
+        d = Daemon(cfg)
+        d.publisher.publish = lambda event, buffer=None: published.append(event)
+        d.start()
+        try:
+            write_series(tmp_path / "s", ramp_volume((3, 8, 8)), axial_geometry((3, 8, 8), 1.0, 1.0))
+            assert send_folder(tmp_path / "s", "127.0.0.1", d.scp.port).sent == 3
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (d.jobs.get(1) and d.jobs.get(1).state == FAILED):
+                time.sleep(0.05)
+            job = d.jobs.get(1)
+        finally:
+            d.stop(5)
+    finally:
+        stages._REGISTRY.pop("nan", None)
+    assert job.state == FAILED and job.attempts == 2
+    assert [e.will_retry for e in published if e.topic == "job.failed"] == [True, False]

@@ -26,8 +26,8 @@ def _exporter(outbox, cfg=None, sent=None, gave_up=None):
 
 
 def test_outbox_entries_are_idempotent_and_durable(tmp_path, outbox):
-    e = outbox.add(7, "pacs", "9.9", FILES)
-    assert outbox.add(7, "pacs", "9.9", FILES).id == e.id
+    e = outbox.add(7, ["pacs"], "9.9", FILES)[0]
+    assert outbox.add(7, ["pacs"], "9.9", FILES)[0].id == e.id
     outbox.mark_instance_sent(e.id, "1.2.0")
     outbox.close()
     again = Outbox(tmp_path).open()
@@ -41,7 +41,7 @@ def test_retry_backoff_doubles_up_to_the_cap(outbox):
 
 
 def test_a_failed_attempt_keeps_confirmed_instances_and_schedules_a_retry(outbox, monkeypatch):
-    e = outbox.add(1, "pacs", "9.9", FILES)
+    e = outbox.add(1, ["pacs"], "9.9", FILES)[0]
 
     def two_then_down(files, dest, calling_ae, timeout_s, on_instance_sent):
         for uid, _ in files[:2]:
@@ -64,7 +64,7 @@ def test_a_failed_attempt_keeps_confirmed_instances_and_schedules_a_retry(outbox
 
 
 def test_export_gives_up_after_the_configured_time(outbox, monkeypatch):
-    e = outbox.add(1, "pacs", "9.9", FILES)
+    e = outbox.add(1, ["pacs"], "9.9", FILES)[0]
 
     def down(*a, **k):
         raise DeliveryError("connection refused")
@@ -82,15 +82,32 @@ def test_unreachable_destination_is_a_delivery_error_not_a_crash(tmp_path, outbo
     from tests.helpers import ramp_volume, write_series
 
     paths = write_series(tmp_path / "d", ramp_volume((1, 8, 8)), axial_geometry((1, 8, 8), 1.0, 1.0))
-    e = outbox.add(1, "pacs", "9.9", [("1.2.3", paths[0])])
+    e = outbox.add(1, ["pacs"], "9.9", [("1.2.3", paths[0])])[0]
     assert not _exporter(outbox).attempt(e)  # nothing listens on port 1
     assert "no association" in outbox.get(e.id).last_error
 
 
 def test_an_entry_with_everything_confirmed_is_delivered_without_an_association(outbox):
-    e = outbox.add(1, "pacs", "9.9", FILES)
+    e = outbox.add(1, ["pacs"], "9.9", FILES)[0]
     for uid, _ in FILES:  # the process died after the last confirmation, before marking the entry
         outbox.mark_instance_sent(e.id, uid)
     delivered = []
     assert _exporter(outbox, sent=delivered).attempt(e)
     assert outbox.get(e.id).state == SENT and len(delivered) == 1
+
+
+def test_each_job_has_its_own_folder_so_one_never_deletes_anothers_files(tmp_path, outbox):
+    a, b = outbox.folder_for(1, "9.9"), outbox.folder_for(2, "9.9")  # same derived series, two jobs
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+        (folder / "x.dcm").write_bytes(b"x")
+    (entry_a,) = outbox.add(1, ["pacs"], "9.9", [("1", a / "x.dcm")])
+    outbox.add(2, ["pacs"], "9.9", [("1", b / "x.dcm")])
+    outbox.remove_files(entry_a)
+    assert not a.exists() and (b / "x.dcm").exists()
+
+
+def test_every_destination_is_recorded_in_one_transaction(outbox, monkeypatch):
+    entries = outbox.add(3, ["console", "pacs"], "9.9", FILES)
+    assert [e.destination for e in entries] == ["console", "pacs"]
+    assert all(outbox.instance_count(e.id) == 3 for e in entries)

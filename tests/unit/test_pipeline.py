@@ -79,8 +79,14 @@ def _enqueue(q: JobQueue, label: str = "", generation: int = 0):
                      completed_at=3.0)
 
 
+def _open(path) -> JobQueue:
+    q = JobQueue(path)
+    q.open(max_attempts=2)
+    return q
+
+
 def test_job_queue_is_idempotent_and_survives_a_crash(tmp_path):
-    q = JobQueue(tmp_path / "jobs.sqlite").open()
+    q = _open(tmp_path / "jobs.sqlite")
     job, new = _enqueue(q)
     assert new and job.state == QUEUED and job.destinations == ("console",)
     assert _enqueue(q) == (job, False)  # same series, generation and label
@@ -88,7 +94,7 @@ def test_job_queue_is_idempotent_and_survives_a_crash(tmp_path):
     taken = q.take_next()
     assert taken.id == job.id and taken.state == RUNNING and taken.attempts == 1
     q.close()
-    q = JobQueue(tmp_path / "jobs.sqlite").open()  # the process died while running it
+    q = _open(tmp_path / "jobs.sqlite")  # the process died while running it
     again = q.take_next()
     assert again.id == job.id and again.attempts == 2
     q.exporting(job.id, "9.9", {"derive": 0.5})
@@ -96,3 +102,17 @@ def test_job_queue_is_idempotent_and_survives_a_crash(tmp_path):
     j = q.get(job.id)
     assert (j.state, j.derived_series_uid, j.timings) == (DONE, "9.9", {"derive": 0.5})
     assert q.count(QUEUED) == 2 and q.count(EXPORTING) == 0
+
+
+def test_a_job_that_keeps_killing_the_process_fails_instead_of_looping(tmp_path):
+    q = _open(tmp_path / "jobs.sqlite")
+    job, _ = _enqueue(q)
+    for _ in range(2):  # taken, and the process dies, twice
+        assert q.take_next().id == job.id
+        q.close()
+        q = JobQueue(tmp_path / "jobs.sqlite")
+        crashed = q.open(max_attempts=2)
+    assert [j.id for j in crashed] == [job.id]
+    failed = q.get(job.id)
+    assert failed.state == "failed" and failed.reason == "crashed" and "2 time(s)" in failed.detail
+    assert q.take_next() is None

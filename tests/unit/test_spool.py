@@ -141,3 +141,26 @@ def test_refused_instance_is_kept_in_quarantine_with_reason(tmp_path, series):
     assert kept is not None and kept.read_bytes() == series[0].read_bytes()
     assert "pixel_data_length" in kept.with_suffix(".json").read_text()
     assert sp.refused()[0]["reason"] == "pixel_data_length"
+
+
+def test_release_deletes_sources_and_a_crash_half_way_does_not_bring_them_back(tmp_path, series):
+    sp = _spool(tmp_path)
+    for p in series:
+        sp.store(p, _header(p))
+    uid = _header(series[0]).series_uid
+    leftover = sp.instance_paths(uid)[0].read_bytes()
+    assert sp.release(uid, generation=0) == len(series)
+    assert _files(sp) == [] and sp.series(uid).state == "released"
+    # A crash during the deletions would leave files behind: the next start deletes them.
+    (sp.series_dir / uid).mkdir()
+    (sp.series_dir / uid / f"{_header(series[0]).sop_instance_uid}.dcm").write_bytes(leftover)
+    sp.close()
+    sp = _spool(tmp_path)
+    assert _files(sp) == [] and sp.series(uid).state == "released" and sp.series(uid).instance_count == 0
+
+
+def test_release_does_nothing_when_instances_arrived_since(tmp_path, series):
+    sp = _spool(tmp_path)
+    sp.store(series[0], _header(series[0]))
+    uid = _header(series[0]).series_uid
+    assert sp.release(uid, generation=1) == 0 and len(_files(sp)) == 1

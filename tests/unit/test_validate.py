@@ -69,3 +69,33 @@ def test_garbage_is_unparseable(tmp_path):
     bad.write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 40)
     r = _refusal(bad, sop_instance="1.2.3")
     assert r.status == 0xC000
+
+
+@pytest.mark.parametrize("keyword, value", [("SeriesInstanceUID", "../../escaped"), ("StudyInstanceUID", "1.2.x"),
+                                            ("SeriesInstanceUID", "1." + "2" * 70)])
+def test_a_uid_that_is_not_a_uid_is_refused_before_it_names_a_path(one, keyword, value):
+    ds = pydicom.dcmread(one)
+    setattr(ds, keyword, value)
+    ds.save_as(one, enforce_file_format=True)
+    r = _refusal(one)
+    assert (r.status, r.reason) == (0xA900, "invalid_uid")
+
+
+def test_an_absurd_frame_count_is_refused(one):
+    ds = pydicom.dcmread(one)
+    ds.NumberOfFrames = 2_000_000_000
+    ds.save_as(one, enforce_file_format=True)
+    r = _refusal(one)
+    assert r.reason == "invalid_attribute" and "NumberOfFrames" in r.detail
+
+
+def test_deflated_instance_with_large_pixel_data_is_accepted(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    hu = ramp_volume((1, 256, 256))  # 128 KiB of pixel data: past the deferred-read size
+    path = write_series(tmp_path / "d", hu, axial_geometry(hu.shape, 1.0, 1.0))[0]
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    h = read_header(path, CTImageStorage, ds.SOPInstanceUID, [])
+    assert h.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
