@@ -136,6 +136,20 @@ def _cmd_events_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth_ctpd(args: argparse.Namespace) -> int:
+    from appliance.synth.projections import write_synthetic_projections
+
+    result = write_synthetic_projections(
+        args.out, shape_zyx=args.shape, dose_fraction=args.dose, seed=args.seed, fov_mm=args.fov,
+        slice_mm=args.slice_spacing, n_views=args.views,
+        uid_root=args.uid_root or config_mod.load(args.config).dicom.uid_root, z_start_mm=args.z_start,
+    )
+    v, r, c = result.geometry.shape
+    print(f"wrote {len(result.paths)} DICOM-CT-PD views ({r} rows x {c} columns, curved detector) to {args.out} "
+          f"(series {result.series_uid}, dose {'noiseless' if args.dose is None else args.dose})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance", description="Scanner-side CT/MR inference appliance")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -200,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--transfer-syntax", default="1.2.840.10008.1.2.1", help="UID (default Explicit VR Little Endian)")
     ct.add_argument("--signed", action="store_true", help="int16 pixels, intercept 0, instead of uint16 with -1024")
     ct.set_defaults(func=_cmd_synth_ct)
+    pd = synth_sub.add_parser("ct-pd", help="synthetic CT projection data (DICOM-CT-PD) of the phantom slab")
+    pd.add_argument("--out", type=Path, required=True)
+    pd.add_argument("--shape", type=_shape, default=(8, 128, 128), help="COLUMNSxROWSxSLICES of the phantom slab")
+    pd.add_argument("--dose", type=float, default=0.25, help="dose fraction in (0, 1]; projection-domain noise")
+    pd.add_argument("--views", type=int, default=360, help="views per rotation")
+    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--fov", type=float, default=400.0)
+    pd.add_argument("--slice-spacing", type=float, default=2.5)
+    pd.add_argument("--z-start", type=float, default=250.0)
+    pd.add_argument("--uid-root", default=None)
+    pd.add_argument("--config", type=Path, default=None)
+    pd.set_defaults(func=_cmd_synth_ctpd)
     return p
 
 

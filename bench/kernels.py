@@ -1,0 +1,97 @@
+"""Projector throughput and per-volume reconstruction time, host twin (and GPU when present).
+
+    python -m bench.kernels [--quick] [--out bench/results/DATE-host.json]
+
+Throughput is in giga voxel-updates per second: voxels x views / seconds / 1e9, the usual
+convention for projectors (a forward projection and a backprojection of the same volume and
+geometry count the same updates). Each timing is the best of ``--repeats`` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from kernels.geometry import ProjectionGeometry, VolumeGrid
+from kernels.host import HostProjector
+from kernels.recon.fbp import fbp
+from kernels.recon.pwls import pwls_tv
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up (and the one-off host-twin build)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = ""
+    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "git_revision": rev, "backend": "host twin (g++ -O3 -fopenmp)"}
+
+
+def run(quick: bool, repeats: int) -> dict:
+    n, views, cols, rows = (64, 90, 128, 32) if quick else (128, 180, 256, 64)
+    grid = VolumeGrid((n, n, n), (1.0, 1.0, 1.0))
+    geom = ProjectionGeometry.cone(views, cols, rows, 1.2, 1.2, 500.0, 900.0, "curved")
+    op = HostProjector(geom, grid)
+    rng = np.random.default_rng(0)
+    x = rng.random(grid.shape_zyx, dtype=np.float32)
+    y = op.forward(x)
+    updates = n**3 * views
+    fp = _best(lambda: op.forward(x), repeats)
+    bp = _best(lambda: op.adjoint(y), repeats)
+    fdk_bp = _best(lambda: op.backproject(y, np.ones(views, np.float32)), repeats)
+    fdk = _best(lambda: fbp(y, op), repeats)
+    iters = 3 if quick else 5
+    w = np.exp(-y / y.max()).astype(np.float32)
+    pwls = _best(lambda: pwls_tv(y, w, op, beta=0.03, eps=1e-4, n_iter=iters, n_subsets=4), 1)
+    return {
+        "scenario": "kernels",
+        "volume": [n, n, n], "views": views, "detector": [rows, cols], "shape": "curved",
+        "forward_joseph": {"seconds": fp, "gups": updates / fp / 1e9},
+        "adjoint_joseph": {"seconds": bp, "gups": updates / bp / 1e9},
+        "backproject_fdk": {"seconds": fdk_bp, "gups": updates / fdk_bp / 1e9},
+        "fdk_volume_seconds": fdk,
+        "pwls_tv": {"iterations": iters, "subsets": 4, "seconds": pwls, "seconds_per_iteration": pwls / iters},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (under a minute on 2 cores)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
+              "results": [run(args.quick, args.repeats)]}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
