@@ -168,6 +168,9 @@ class ReconConfig(_Section):
     """Reconstruction of CT projection data (the ``recon`` pipeline)."""
 
     algorithm: Literal["pwls-tv", "os-sart", "fdk"] = "pwls-tv"
+    backend: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: the GPU when pycuda finds one, else the host twin; a GPU failure falls back to it"
+    )
     iterations: int = Field(20, ge=1)
     subsets: int = Field(4, ge=1)
     beta: float = Field(0.03, gt=0, description="TV strength (PWLS-TV)")

@@ -47,27 +47,62 @@ def _machine() -> dict:
     except OSError:
         rev = ""
     return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "git_revision": rev, "backend": "host twin (g++ -O3 -fopenmp)"}
+            "numpy": np.__version__, "git_revision": rev, "host_twin": "g++ -O3 -fopenmp", "gpu": _gpu_name()}
 
 
-def run(quick: bool, repeats: int) -> dict:
+def _gpu_name() -> str | None:
+    from kernels import gpu
+
+    if not gpu.available():
+        return None
+    import pycuda.driver as cuda
+
+    return f"{cuda.Device(0).name()} (driver {cuda.get_driver_version()})"
+
+
+def _operator(backend: str, geom, grid):
+    if backend == "gpu":
+        from kernels.gpu import GpuProjector
+
+        return GpuProjector(geom, grid)
+    return HostProjector(geom, grid)
+
+
+def _synced(backend: str, fn):
+    """On the GPU, launches are asynchronous: time until the device has finished."""
+    if backend != "gpu":
+        return fn
+    import pycuda.driver as cuda
+
+    def call():
+        fn()
+        cuda.Context.synchronize()
+
+    return call
+
+
+def run(quick: bool, repeats: int, backend: str = "host") -> dict:
     n, views, cols, rows = (64, 90, 128, 32) if quick else (128, 180, 256, 64)
     grid = VolumeGrid((n, n, n), (1.0, 1.0, 1.0))
     geom = ProjectionGeometry.cone(views, cols, rows, 1.2, 1.2, 500.0, 900.0, "curved")
-    op = HostProjector(geom, grid)
+    op = _operator(backend, geom, grid)
     rng = np.random.default_rng(0)
-    x = rng.random(grid.shape_zyx, dtype=np.float32)
-    y = op.forward(x)
+    x = op.asarray(rng.random(grid.shape_zyx, dtype=np.float32))
+    y_host = op.to_host(op.forward(x))
+    y = op.asarray(y_host)
     updates = n**3 * views
-    fp = _best(lambda: op.forward(x), repeats)
-    bp = _best(lambda: op.adjoint(y), repeats)
-    fdk_bp = _best(lambda: op.backproject(y, np.ones(views, np.float32)), repeats)
-    fdk = _best(lambda: fbp(y, op), repeats)
+    fp = _best(_synced(backend, lambda: op.forward(x)), repeats)
+    bp = _best(_synced(backend, lambda: op.adjoint(y)), repeats)
+    ones = np.ones(views, np.float32)
+    fdk_bp = _best(_synced(backend, lambda: op.backproject(y, ones)), repeats)
+    fdk = _best(_synced(backend, lambda: op.to_host(fbp(y_host, op))), repeats)
     iters = 3 if quick else 5
-    w = np.exp(-y / y.max()).astype(np.float32)
-    pwls = _best(lambda: pwls_tv(y, w, op, beta=0.03, eps=1e-4, n_iter=iters, n_subsets=4), 1)
+    w = np.exp(-y_host / y_host.max()).astype(np.float32)
+    pwls = _best(_synced(backend, lambda: op.to_host(pwls_tv(y_host, w, op, beta=0.03, eps=1e-4, n_iter=iters,
+                                                             n_subsets=4)[0])), 1)
     return {
         "scenario": "kernels",
+        "backend": "gpu (pycuda)" if backend == "gpu" else "host twin",
         "volume": [n, n, n], "views": views, "detector": [rows, cols], "shape": "curved",
         "forward_joseph": {"seconds": fp, "gups": updates / fp / 1e9},
         "adjoint_joseph": {"seconds": bp, "gups": updates / bp / 1e9},
@@ -83,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    from kernels import gpu
+
+    backends = ["host", "gpu"] if gpu.available() else ["host"]
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
-              "results": [run(args.quick, args.repeats)]}
+              "results": [run(args.quick, args.repeats, b) for b in backends]}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

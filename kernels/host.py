@@ -77,6 +77,15 @@ class HostProjector:
         self._det = (det.n_u, det.n_v, float(geom.sdd), float(det.du), float(det.dv), float(u0), float(v0),
                      int(det.shape == "curved"))
 
+    # Arrays of this backend are numpy arrays: conversions are identities (the GPU backend copies).
+    @staticmethod
+    def asarray(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    @staticmethod
+    def to_host(a: np.ndarray) -> np.ndarray:
+        return a
+
     def subset(self, views: np.ndarray) -> HostProjector:
         """The operator of the views ``views`` only (ordered subsets)."""
         return HostProjector(self.geom.subset(views), self.grid)

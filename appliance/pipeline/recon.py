@@ -12,6 +12,7 @@ import numpy as np
 
 from appliance import __version__
 from appliance.config import ReconConfig
+from appliance.logging import get_logger
 from appliance.pipeline.stages import Pipeline, StageError
 from appliance.volume import Geometry, SeriesRef, Volume
 from kernels.geometry import VolumeGrid
@@ -22,6 +23,7 @@ from kernels.recon.sart import os_sart
 from kernels.simulate import MU_WATER_PER_MM
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+log = get_logger(__name__)
 
 
 def recon_grid(projections, cfg: ReconConfig) -> VolumeGrid:
@@ -52,19 +54,44 @@ class Reconstruct:
     def __call__(self, projections) -> Volume:
         if not hasattr(projections, "geometry") or not hasattr(projections, "data"):
             raise StageError(self.name, "not_projection_data", "the recon pipeline takes CT projection data")
-        cfg = self.cfg
-        grid = recon_grid(projections, cfg)
-        op = HostProjector(projections.geometry, grid)
+        grid = recon_grid(projections, self.cfg)
         y = np.ascontiguousarray(projections.data, dtype=np.float32)
+        if self._use_gpu():
+            try:
+                from kernels.gpu import GpuProjector
+
+                x = self._reconstruct(GpuProjector(projections.geometry, grid), projections, y)
+                return self._finish(projections, grid, x, "gpu")
+            except Exception as exc:  # DESIGN's failure policy: fall back to the CPU twin, say so
+                if self.cfg.backend == "gpu":
+                    raise StageError(self.name, "gpu_error", f"{type(exc).__name__}: {exc}") from exc
+                log.warning("recon.gpu_failed", error=f"{type(exc).__name__}: {exc}", fallback="host twin")
+        x = self._reconstruct(HostProjector(projections.geometry, grid), projections, y)
+        return self._finish(projections, grid, x, "host twin")
+
+    def _use_gpu(self) -> bool:
+        if self.cfg.backend == "cpu":
+            return False
+        from kernels import gpu
+
+        return self.cfg.backend == "gpu" or gpu.available()
+
+    def _reconstruct(self, op, projections, y: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
         x = fbp(y, op, window=cfg.window)
         if cfg.algorithm == "os-sart":
             x, _ = os_sart(y, op, n_iter=cfg.iterations, n_subsets=cfg.subsets * 2, x0=x)
         elif cfg.algorithm == "pwls-tv":
             x, _ = pwls_tv(y, self._weights(projections, y), op, beta=cfg.beta, eps=cfg.tv_eps_per_mm,
                            n_iter=cfg.iterations, n_subsets=cfg.subsets, x0=x)
+        return op.to_host(x)
+
+    def _finish(self, projections, grid: VolumeGrid, x: np.ndarray, backend: str) -> Volume:
         mu_water = projections.water_mu or MU_WATER_PER_MM
         hu = (x / mu_water - 1.0) * 1000.0
-        return self._volume(projections, grid, hu.astype(np.float32))
+        volume = self._volume(projections, grid, hu.astype(np.float32))
+        volume.provenance.append(f"{self.cfg.algorithm} on the {backend}")
+        return volume
 
     @staticmethod
     def _weights(projections, y: np.ndarray) -> np.ndarray:

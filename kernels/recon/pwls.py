@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kernels.recon import arrays
 from kernels.recon.sart import subsets
 
 
@@ -27,34 +28,35 @@ def pwls_tv(y: np.ndarray, weights: np.ndarray, op, beta: float, eps: float, n_i
     """``y`` line integrals, ``weights`` w_i (same shape, e.g. counts / I0), ``beta`` the TV
     strength in (weight * (1/mm)^2) per (1/mm), ``eps`` the TV smoothing in 1/mm. Returns
     (volume in 1/mm, cost after each iteration)."""
+    y = np.ascontiguousarray(y, dtype=np.float32)
     weights = np.ascontiguousarray(weights, dtype=np.float32)
-    ones = np.ones(op.volume_shape, dtype=np.float32)
     n_dims = sum(n > 1 for n in op.volume_shape)
-    d = op.adjoint(weights * op.forward(ones)) + beta * 4 * n_dims / eps
-    d_inv = (1.0 / np.maximum(d, 1e-12)).astype(np.float32)
-    parts = [(op.subset(idx), np.ascontiguousarray(y[idx]), np.ascontiguousarray(weights[idx]))
+    w_all, y_all = op.asarray(weights), op.asarray(y)
+    d = op.adjoint(w_all * op.forward(op.asarray(np.ones(op.volume_shape, dtype=np.float32))))
+    d_inv = arrays.safe_inverse(d + np.float32(beta * 4 * n_dims / eps), 1e-12)
+    parts = [(op.subset(idx), op.subset(idx).asarray(y[idx]), op.subset(idx).asarray(weights[idx]))
              for idx in subsets(op.geom.n_views, n_subsets)]
     m = len(parts)
 
-    def cost(x: np.ndarray) -> float:
-        r = op.forward(x) - y
-        return 0.5 * float(np.vdot(weights * r, r)) + beta * op.tv(x, eps)
+    def cost(x) -> float:
+        r = op.forward(x) - y_all
+        return 0.5 * arrays.vdot(w_all * r, r) + beta * op.tv(x, eps)
 
-    x = np.zeros(op.volume_shape, dtype=np.float32) if x0 is None else np.array(x0, dtype=np.float32)
-    np.maximum(x, 0, out=x)
-    z, t = x.copy(), 1.0
+    x = op.asarray(np.zeros(op.volume_shape, dtype=np.float32) if x0 is None else x0)
+    arrays.clamp_nonnegative(x)
+    z, t = arrays.copy(x), 1.0
     history = [cost(x)]
     for it in range(n_iter):
         x_prev = x
         for sub, y_s, w_s in parts:
             grad = m * sub.adjoint(w_s * (sub.forward(z) - y_s)) + beta * op.tv_gradient(z, eps)
-            x_new = np.maximum(z - d_inv * grad, 0)
+            x_new = arrays.clamp_nonnegative(z - d_inv * grad)
             t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
-            z = x_new + ((t - 1) / t_next) * (x_new - x)
+            z = x_new + np.float32((t - 1) / t_next) * (x_new - x)
             x, t = x_new, t_next
         history.append(cost(x))
         if history[-1] > history[-2]:  # adaptive restart: momentum overshot
-            z, t = x_prev.copy(), 1.0
+            z, t = arrays.copy(x_prev), 1.0
             x = x_prev
             history[-1] = history[-2]
         if on_iteration is not None:

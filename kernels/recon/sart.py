@@ -13,35 +13,36 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kernels.recon import arrays
+
 
 def subsets(n_views: int, n_subsets: int) -> list[np.ndarray]:
     return [np.arange(s, n_views, n_subsets) for s in range(min(n_subsets, n_views))]
 
 
-def _safe_inverse(a: np.ndarray, floor: float) -> np.ndarray:
-    return np.where(a > floor, 1.0 / np.maximum(a, floor), 0.0).astype(np.float32)
-
-
 def os_sart(y: np.ndarray, op, n_iter: int = 10, n_subsets: int = 10, relaxation: float = 1.0,
             x0: np.ndarray | None = None, nonnegative: bool = True,
             on_iteration: Callable[[int, np.ndarray, float], None] | None = None) -> tuple[np.ndarray, list[float]]:
-    """Reconstruct line integrals ``y`` (views, rows, columns); returns (volume, data misfit
-    ||y - A x||^2 after each iteration)."""
+    """Reconstruct line integrals ``y`` (views, rows, columns; host array); returns (volume in
+    the operator's array type, data misfit ||y - A x||^2 after each iteration)."""
+    y = np.ascontiguousarray(y, dtype=np.float32)
     parts = []
+    ones = op.asarray(np.ones(op.volume_shape, dtype=np.float32))
     for idx in subsets(op.geom.n_views, n_subsets):
         sub = op.subset(idx)
-        row = sub.forward(np.ones(op.volume_shape, dtype=np.float32))
-        col = sub.adjoint(np.ones(sub.projection_shape, dtype=np.float32))
-        parts.append((sub, np.ascontiguousarray(y[idx]), _safe_inverse(row, 1e-6), _safe_inverse(col, 1e-6)))
-    x = np.zeros(op.volume_shape, dtype=np.float32) if x0 is None else np.array(x0, dtype=np.float32)
+        row = sub.forward(ones)
+        col = sub.adjoint(sub.asarray(np.ones(sub.projection_shape, dtype=np.float32)))
+        parts.append((sub, sub.asarray(y[idx]), arrays.safe_inverse(row, 1e-6), arrays.safe_inverse(col, 1e-6)))
+    y_all = op.asarray(y)
+    x = op.asarray(np.zeros(op.volume_shape, dtype=np.float32) if x0 is None else x0)
     misfit = []
     for it in range(n_iter):
         for sub, y_s, r_inv, c_inv in parts:
             x += relaxation * c_inv * sub.adjoint(r_inv * (y_s - sub.forward(x)))
             if nonnegative:
-                np.maximum(x, 0, out=x)
-        residual = y - op.forward(x)
-        misfit.append(float(np.vdot(residual, residual)))
+                arrays.clamp_nonnegative(x)
+        residual = y_all - op.forward(x)
+        misfit.append(arrays.vdot(residual, residual))
         if on_iteration is not None:
             on_iteration(it, x, misfit[-1])
     return x, misfit
