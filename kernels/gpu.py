@@ -18,6 +18,7 @@ import numpy as np
 
 from kernels.build import build_all_fatbins
 from kernels.geometry import ProjectionGeometry, VolumeGrid
+from kernels.operator import Projector
 
 _KERNELS = {  # kernel -> source file stem
     "joseph_forward": "projector",
@@ -54,23 +55,21 @@ def _blocks(n: int, b: int) -> int:
     return (n + b - 1) // b
 
 
-class GpuProjector:
+class GpuProjector(Projector):
     BLOCK_PROJ = (32, 4, 1)
     BLOCK_VOL = (32, 4, 1)
 
     def __init__(self, geom: ProjectionGeometry, grid: VolumeGrid) -> None:
         from pycuda import gpuarray
 
+        super().__init__(geom, grid)
         self._ga = gpuarray
         self.fn = _functions()
-        self.geom = geom
-        self.grid = grid
         self.views = gpuarray.to_gpu(geom.view_vectors())
         self.grid_params = gpuarray.to_gpu(grid.kernel_params())
-        u0, v0 = geom.detector.centre
-        det = geom.detector
-        self._det = (np.int32(det.n_u), np.int32(det.n_v), np.float32(geom.sdd), np.float32(det.du),
-                     np.float32(det.dv), np.float32(u0), np.float32(v0), np.int32(det.shape == "curved"))
+        # pycuda needs sized numpy scalars for kernel arguments
+        types = (np.int32, np.int32, np.float32, np.float32, np.float32, np.float32, np.float32, np.int32)
+        self._det = tuple(t(v) for t, v in zip(types, self.detector_params))
 
     # ---- arrays ----------------------------------------------------------------------------
     def asarray(self, a):
@@ -83,20 +82,8 @@ class GpuProjector:
     def to_host(a) -> np.ndarray:
         return a.get() if hasattr(a, "get") else np.asarray(a)
 
-    def subset(self, views: np.ndarray) -> GpuProjector:
-        return GpuProjector(self.geom.subset(views), self.grid)
-
-    @property
-    def volume_shape(self) -> tuple[int, int, int]:
-        return self.grid.shape_zyx
-
-    @property
-    def projection_shape(self) -> tuple[int, int, int]:
-        return self.geom.shape
-
     def _vol(self) -> tuple:
-        nz, ny, nx = self.grid.shape_zyx
-        return np.int32(nx), np.int32(ny), np.int32(nz)
+        return tuple(np.int32(n) for n in self.volume_dims)
 
     def _proj_launch(self) -> dict:
         n_views, n_v, n_u = self.geom.shape

@@ -15,6 +15,7 @@ import numpy as np
 
 from kernels.build import build_host
 from kernels.geometry import ProjectionGeometry, VolumeGrid
+from kernels.operator import Projector
 
 _F = ctypes.POINTER(ctypes.c_float)
 _U, _I, _R = ctypes.c_uint, ctypes.c_int, ctypes.c_float
@@ -61,21 +62,17 @@ def launch(name: str, grid: tuple[int, int, int], block: tuple[int, int, int], *
     getattr(library(), f"host_{name}")(*grid, *block, *conv)
 
 
-class HostProjector:
+class HostProjector(Projector):
     """A (Joseph projector) and its exact adjoint on ``grid`` for ``geom``, on the CPU."""
 
     BLOCK_PROJ = (32, 4, 1)  # (detector column, row, view)
     BLOCK_VOL = (32, 4, 1)  # (x, y, z)
 
     def __init__(self, geom: ProjectionGeometry, grid: VolumeGrid) -> None:
-        self.geom = geom
-        self.grid = grid
+        super().__init__(geom, grid)
         self.views = geom.view_vectors()
         self.grid_params = grid.kernel_params()
-        u0, v0 = geom.detector.centre
-        det = geom.detector
-        self._det = (det.n_u, det.n_v, float(geom.sdd), float(det.du), float(det.dv), float(u0), float(v0),
-                     int(det.shape == "curved"))
+        self._det = self.detector_params
 
     # Arrays of this backend are numpy arrays: conversions are identities (the GPU backend copies).
     @staticmethod
@@ -86,26 +83,13 @@ class HostProjector:
     def to_host(a: np.ndarray) -> np.ndarray:
         return a
 
-    def subset(self, views: np.ndarray) -> HostProjector:
-        """The operator of the views ``views`` only (ordered subsets)."""
-        return HostProjector(self.geom.subset(views), self.grid)
-
-    @property
-    def volume_shape(self) -> tuple[int, int, int]:
-        return self.grid.shape_zyx
-
-    @property
-    def projection_shape(self) -> tuple[int, int, int]:
-        return self.geom.shape
-
     def _proj_grid(self) -> tuple[int, int, int]:
         n_views, n_v, n_u = self.geom.shape
         b = self.BLOCK_PROJ
         return _blocks(n_u, b[0]), _blocks(n_v, b[1]), _blocks(n_views, b[2])
 
     def _vol_args(self) -> tuple[int, int, int]:
-        nz, ny, nx = self.grid.shape_zyx
-        return nx, ny, nz
+        return self.volume_dims
 
     def forward(self, volume: np.ndarray) -> np.ndarray:
         """A x: line integrals (views, rows, columns) of ``volume`` (z, y, x), 1/mm * mm."""

@@ -72,6 +72,46 @@ DEVICE_INLINE long voxel_offset(const int idx[3], const int dims[3]) {
     return ((long)idx[2] * dims[1] + idx[1]) * dims[0] + idx[0];
 }
 
+// Visits every (voxel, weight) of one ray: the samples at integer positions along the dominant
+// axis and their bilinear taps (zero outside the grid). The forward projector and its adjoint
+// both walk rays with this, so they stay an exact transpose pair by construction.
+template <class Visitor>
+DEVICE_INLINE void walk_ray(const Ray& r, const int dims[3], Visitor& visit) {
+    const float inv_bm = 1.f / r.b[r.m];
+    for (int t = r.t_lo; t <= r.t_hi; ++t) {
+        const float lam = (t - r.a[r.m]) * inv_bm;
+        const float c1 = r.a[r.ax1] + lam * r.b[r.ax1], c2 = r.a[r.ax2] + lam * r.b[r.ax2];
+        const float f1 = floorf(c1), f2 = floorf(c2);
+        const int i1 = (int)f1, i2 = (int)f2;
+        const float w1 = c1 - f1, w2 = c2 - f2;
+        for (int o2 = 0; o2 < 2; ++o2) {
+            const int j2 = i2 + o2;
+            if (j2 < 0 || j2 >= dims[r.ax2]) continue;
+            for (int o1 = 0; o1 < 2; ++o1) {
+                const int j1 = i1 + o1;
+                if (j1 < 0 || j1 >= dims[r.ax1]) continue;
+                int idx[3];
+                idx[r.m] = t;
+                idx[r.ax1] = j1;
+                idx[r.ax2] = j2;
+                visit(voxel_offset(idx, dims), (o1 ? w1 : 1.f - w1) * (o2 ? w2 : 1.f - w2));
+            }
+        }
+    }
+}
+
+struct Gather {  // forward: sum of interpolated samples
+    const float* volume;
+    float sum;
+    DEVICE_INLINE void operator()(long offset, float w) { sum += w * ldg(volume + offset); }
+};
+
+struct Scatter {  // adjoint: the same weights, added into the volume
+    float* volume;
+    float value;
+    DEVICE_INLINE void operator()(long offset, float w) { atomicAdd(volume + offset, w * value); }
+};
+
 extern "C" __global__ void joseph_forward(const float* __restrict__ volume, float* __restrict__ proj,
                                           const float* __restrict__ views, const float* __restrict__ grid,
                                           int nx, int ny, int nz, int n_views, int n_u, int n_v, float sdd,
@@ -83,33 +123,11 @@ extern "C" __global__ void joseph_forward(const float* __restrict__ volume, floa
     const DetectorParams det{n_u, n_v, sdd, du, dv, u0, v0, curved};
     const int dims[3] = {nx, ny, nz};
     Ray r;
-    float sum = 0.f;
+    Gather gather{volume, 0.f};
+    float sum = 0.f;  // a ray that misses the grid integrates nothing
     if (make_ray(views + (long)k * VIEW_LEN, det, grid, dims, iu, iv, r)) {
-        const float inv_bm = 1.f / r.b[r.m];
-        for (int t = r.t_lo; t <= r.t_hi; ++t) {
-            const float lam = (t - r.a[r.m]) * inv_bm;
-            const float c1 = r.a[r.ax1] + lam * r.b[r.ax1], c2 = r.a[r.ax2] + lam * r.b[r.ax2];
-            const float f1 = floorf(c1), f2 = floorf(c2);
-            const int i1 = (int)f1, i2 = (int)f2;
-            const float w1 = c1 - f1, w2 = c2 - f2;
-            float sample = 0.f;
-            for (int o2 = 0; o2 < 2; ++o2) {
-                const int j2 = i2 + o2;
-                if (j2 < 0 || j2 >= dims[r.ax2]) continue;
-                for (int o1 = 0; o1 < 2; ++o1) {
-                    const int j1 = i1 + o1;
-                    if (j1 < 0 || j1 >= dims[r.ax1]) continue;
-                    int idx[3];
-                    idx[r.m] = t;
-                    idx[r.ax1] = j1;
-                    idx[r.ax2] = j2;
-                    const float w = (o1 ? w1 : 1.f - w1) * (o2 ? w2 : 1.f - w2);
-                    sample += w * ldg(volume + voxel_offset(idx, dims));
-                }
-            }
-            sum += sample;
-        }
-        sum *= r.delta;
+        walk_ray(r, dims, gather);
+        sum = gather.sum * r.delta;
     }
     proj[((long)k * n_v + iv) * n_u + iu] = sum;
 }
@@ -132,30 +150,8 @@ extern "C" __global__ void joseph_adjoint(const float* __restrict__ proj, float*
     const int dims[3] = {nx, ny, nz};
     Ray r;
     if (!make_ray(views + (long)k * VIEW_LEN, det, grid, dims, iu, iv, r)) return;
-    const float value = proj[((long)k * n_v + iv) * n_u + iu] * r.delta;
-    if (value == 0.f) return;
-    const float inv_bm = 1.f / r.b[r.m];
-    for (int t = r.t_lo; t <= r.t_hi; ++t) {
-        const float lam = (t - r.a[r.m]) * inv_bm;
-        const float c1 = r.a[r.ax1] + lam * r.b[r.ax1], c2 = r.a[r.ax2] + lam * r.b[r.ax2];
-        const float f1 = floorf(c1), f2 = floorf(c2);
-        const int i1 = (int)f1, i2 = (int)f2;
-        const float w1 = c1 - f1, w2 = c2 - f2;
-        for (int o2 = 0; o2 < 2; ++o2) {
-            const int j2 = i2 + o2;
-            if (j2 < 0 || j2 >= dims[r.ax2]) continue;
-            for (int o1 = 0; o1 < 2; ++o1) {
-                const int j1 = i1 + o1;
-                if (j1 < 0 || j1 >= dims[r.ax1]) continue;
-                int idx[3];
-                idx[r.m] = t;
-                idx[r.ax1] = j1;
-                idx[r.ax2] = j2;
-                const float w = (o1 ? w1 : 1.f - w1) * (o2 ? w2 : 1.f - w2);
-                atomicAdd(volume + voxel_offset(idx, dims), w * value);
-            }
-        }
-    }
+    Scatter scatter{volume, proj[((long)k * n_v + iv) * n_u + iu] * r.delta};
+    if (scatter.value != 0.f) walk_ray(r, dims, scatter);
 }
 HOST_ENTRY(joseph_adjoint,
            (const float* proj, float* volume, const float* views, const float* grid, int nx, int ny, int nz,
