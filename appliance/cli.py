@@ -27,7 +27,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load(args.config)
     configure(args.log_level)
-    return Daemon(cfg).run_forever()
+    try:
+        daemon = Daemon(cfg)
+    except Exception as exc:  # a configuration or model that cannot run: say why, exit non-zero
+        print(f"appliance cannot start: {exc}", file=sys.stderr)
+        return 2
+    return daemon.run_forever()
 
 
 def _cmd_echo(args: argparse.Namespace) -> int:

@@ -182,6 +182,19 @@ class ReconConfig(_Section):
     slices: int | None = Field(None, ge=1, description="default: what the detector covers across the FOV")
 
 
+class DenoiseConfig(_Section):
+    """The ``denoise`` pipeline: a model (ONNX + card) run by TensorRT or its CPU twin."""
+
+    model: Path = Field(
+        Path(__file__).resolve().parent.parent / "engines" / "models" / "reference-redcnn.toml",
+        description="the model card (TOML) beside its ONNX file; default: the reference model (not clinical)",
+    )
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
+    engine_cache: Path = Field(Path("/var/cache/appliance/engines"), description="built TensorRT engines")
+    slab: int = Field(16, ge=1, description="slices per inference batch (bounds memory for any series length)")
+    tile: int | None = Field(None, ge=64, description="in-plane tile size; None: whole slices")
+
+
 class DerivedConfig(_Section):
     series_number_offset: int = Field(1000, ge=0, description="derived SeriesNumber = source + offset")
 
@@ -231,6 +244,7 @@ class ApplianceConfig(_Section):
         ]
     )
     recon: ReconConfig = Field(default_factory=ReconConfig)
+    denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     derived: DerivedConfig = Field(default_factory=DerivedConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

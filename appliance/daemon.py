@@ -45,6 +45,9 @@ class Daemon:
         unknown = sorted({r.pipeline for r in cfg.routes} - set(stages.available()))
         if unknown:
             raise ValueError(f"routes name unknown pipeline(s) {unknown}; available: {stages.available()}")
+        # Built once, here: loading a model (or a bad one) happens at start, not at the first study.
+        names = sorted({r.pipeline for r in cfg.routes} | {"passthrough"})
+        self.pipelines = {name: stages.build(name, cfg) for name in names}
         root = cfg.storage.root
         self.spool = Spool(root, cfg.limits, keep_refused=cfg.storage.keep_rejected)
         self.jobs = JobQueue(root / "jobs.sqlite")
@@ -52,7 +55,8 @@ class Daemon:
         self.publisher = Publisher(cfg.events, appliance=cfg.node.ae_title)
         self.scp = StorageSCP(cfg, self.spool, on_stored=self._on_stored)
         self.watcher = CompletionWatcher(self.spool, cfg.completion, on_complete=self._on_complete)
-        self.worker = Worker(cfg, self.spool, self.jobs, self.outbox, self.publisher, on_exporting=self._on_exporting)
+        self.worker = Worker(cfg, self.spool, self.jobs, self.outbox, self.publisher, self.pipelines,
+                             on_exporting=self._on_exporting)
         self.exporter = Exporter(self.outbox, cfg.destinations, cfg.export, cfg.node.ae_title,
                                  on_sent=self._on_export_sent, on_gave_up=self._on_export_gave_up)
         self._assembly_queue: queue.Queue[SeriesRow | None] = queue.Queue()

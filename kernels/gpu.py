@@ -28,6 +28,8 @@ _KERNELS = {  # kernel -> source file stem
     "weight_projections": "filter",
     "tv_gradient": "tv",
     "tv_terms": "tv",
+    "hu_to_network": "hu",
+    "network_to_hu": "hu",
 }
 
 

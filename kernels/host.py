@@ -18,7 +18,7 @@ from kernels.geometry import ProjectionGeometry, VolumeGrid
 from kernels.operator import Projector
 
 _F = ctypes.POINTER(ctypes.c_float)
-_U, _I, _R = ctypes.c_uint, ctypes.c_int, ctypes.c_float
+_U, _I, _R, _L = ctypes.c_uint, ctypes.c_int, ctypes.c_float, ctypes.c_long
 _GRID = [_U] * 6
 
 _SIGNATURES = {
@@ -29,6 +29,8 @@ _SIGNATURES = {
     "weight_projections": [_F, _F, _F, _I, _I, _I],
     "tv_gradient": [_F, _F, _I, _I, _I, _R],
     "tv_terms": [_F, _F, _I, _I, _I, _R],
+    "hu_to_network": [_F, _F, _L, _R, _R, _R, _R],
+    "network_to_hu": [_F, _F, _F, _L, _R, _R, _I],
 }
 _lock = threading.Lock()
 
@@ -162,3 +164,22 @@ class HostProjector(Projector):
                None if w_vu is None else np.ascontiguousarray(w_vu, np.float32),
                None if w_ku is None else np.ascontiguousarray(w_ku, np.float32), n_views, n_v, n_u)
         return out
+
+
+def hu_to_network(hu: np.ndarray, center: float, scale: float, clip_min: float, clip_max: float) -> np.ndarray:
+    """The denoiser's input normalisation (kernels/src/hu.cu) on the host twin."""
+    hu = np.ascontiguousarray(hu, dtype=np.float32)
+    out = np.empty_like(hu)
+    launch("hu_to_network", (_blocks(hu.size, 256), 1, 1), (256, 1, 1), hu, out, hu.size, float(center),
+           float(scale), float(clip_min), float(clip_max))
+    return out
+
+
+def network_to_hu(hu_in: np.ndarray, y: np.ndarray, center: float, scale: float, residual: bool) -> np.ndarray:
+    """The denoiser's output mapping back to HU (kernels/src/hu.cu) on the host twin."""
+    hu_in = np.ascontiguousarray(hu_in, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    out = np.empty_like(hu_in)
+    launch("network_to_hu", (_blocks(hu_in.size, 256), 1, 1), (256, 1, 1), hu_in, y, out, hu_in.size,
+           float(center), float(scale), int(residual))
+    return out

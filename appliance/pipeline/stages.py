@@ -72,11 +72,18 @@ def _recon(cfg) -> Pipeline:
     return recon_pipeline(cfg)
 
 
+def _denoise(cfg) -> Pipeline:
+    from appliance.pipeline.denoise import denoise_pipeline  # loads the model: only when used
+
+    return denoise_pipeline(cfg)
+
+
 # A factory takes the appliance configuration (or None for defaults) and returns the pipeline.
 PipelineFactory = Callable[[object], Pipeline]
 _REGISTRY: dict[str, PipelineFactory] = {
     "passthrough": lambda cfg: Pipeline("passthrough", __version__, [Passthrough()]),
     "recon": _recon,
+    "denoise": _denoise,
 }
 
 

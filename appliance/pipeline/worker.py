@@ -49,6 +49,7 @@ class Worker(BackgroundLoop):
         jobs: JobQueue,
         outbox: Outbox,
         publisher: Publisher,
+        pipelines: dict[str, stages.Pipeline],
         on_exporting: Callable[[Job], None],
     ) -> None:
         super().__init__(interval_s=1.0)
@@ -57,6 +58,7 @@ class Worker(BackgroundLoop):
         self.jobs = jobs
         self.outbox = outbox
         self.publisher = publisher
+        self.pipelines = pipelines
         self.on_exporting = on_exporting
         self._volumes: dict[int, Volume] = {}  # fresh volumes handed over by the assembler
         self._volumes_lock = threading.Lock()
@@ -67,6 +69,13 @@ class Worker(BackgroundLoop):
         with self._volumes_lock:
             self._volumes[job.id] = volume
         self.notify()
+
+    def _pipeline(self, name: str) -> stages.Pipeline:
+        """The pipelines the daemon built at start; another name (a job queued under an older
+        configuration) is built now."""
+        if name not in self.pipelines:
+            self.pipelines[name] = stages.build(name, self.cfg)
+        return self.pipelines[name]
 
     def discard(self, job_id: int) -> None:
         """Forget the volume kept for a job that will not run (superseded)."""
@@ -108,7 +117,7 @@ class Worker(BackgroundLoop):
         log.info("job.started", job_id=job.id, pipeline=job.pipeline, series_uid=job.series_uid, attempt=job.attempts)
         try:
             volume = self._volume_for(job)
-            pipeline = stages.build(job.pipeline, self.cfg)
+            pipeline = self._pipeline(job.pipeline)
             result, stage_seconds = pipeline.run(volume, on_stage_done=lambda name, s: self.publisher.publish(StageDone(
                 study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
                 stage=name, seconds=s, attempt=job.attempts,
@@ -164,7 +173,7 @@ class Worker(BackgroundLoop):
         if self.cfg.pipeline.on_failure == "passthrough":
             try:
                 volume = self._volume_for(job)
-                fallback = stages.build("passthrough", self.cfg)
+                fallback = self._pipeline("passthrough")
                 result, seconds = fallback.run(volume)
                 result.provenance.append(f"{job.pipeline} failed ({reason}); sent unprocessed")
                 self._deliver(job, result, fallback, seconds)

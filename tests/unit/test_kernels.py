@@ -143,3 +143,21 @@ def test_fdk_reconstructs_a_uniform_ball_to_its_attenuation():
         recon = fbp(op.forward(ball), op, window="hann")
         inner = (x * 2) ** 2 + (y * 2) ** 2 + (z * 2) ** 2 < 20**2
         assert abs(recon[inner].mean() / MU_WATER - 1) < 0.003  # within 3 HU of water
+
+
+def test_denoiser_normalisation_kernels_do_the_cards_arithmetic():
+    from engines.card import ModelCard
+    from kernels.host import hu_to_network, network_to_hu
+
+    rng = np.random.default_rng(5)
+    hu = rng.uniform(-1500, 4000, size=(3, 17, 19)).astype(np.float32)
+    y = rng.normal(0, 0.05, size=hu.shape).astype(np.float32)
+    for meaning in ("residual", "image"):
+        card = ModelCard(name="m", version="1", onnx="m.onnx", sha256="0" * 64, intended_use="test",
+                         training_data="none", output={"meaning": meaning},
+                         normalization={"center_hu": -20.0, "scale_hu": 800.0})
+        n = card.normalization
+        x = hu_to_network(hu, n.center_hu, n.scale_hu, n.clip_min_hu, n.clip_max_hu)
+        np.testing.assert_allclose(x, n.to_network(hu), rtol=1e-6, atol=1e-6)
+        out = network_to_hu(hu, y, n.center_hu, n.scale_hu, meaning == "residual")
+        np.testing.assert_allclose(out, card.from_network(y, hu), rtol=1e-6, atol=1e-3)

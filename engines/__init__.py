@@ -1,0 +1,1 @@
+"""Models and inference: model cards, runtime backends (TensorRT, ONNX Runtime), tiling."""
