@@ -42,3 +42,22 @@ def equiangular_taps(n: int, dgamma: float, window: str = "ram-lak") -> np.ndarr
     with np.errstate(invalid="ignore", divide="ignore"):
         factor = np.where(g == 0, 1.0, (g / np.sin(g)) ** 2)
     return (taps * factor).astype(np.float32)
+
+
+def parker_weights(angles: np.ndarray, gamma: np.ndarray, fan_half_angle: float) -> np.ndarray:
+    """Short-scan redundancy weights (Parker 1982) for views at ``angles`` (radians, from the
+    first) and detector columns at fan angles ``gamma`` (radians, Parker's convention: positive
+    against the direction of rotation):
+    (n_views, n_columns), each pair of conjugate rays sums to 1. Needs a scan of at least
+    pi + 2 * fan_half_angle."""
+    beta = (angles - angles[0])[:, None]
+    g = gamma[None, :]
+    d = fan_half_angle
+    w = np.ones((len(angles), len(gamma)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rise = beta < 2 * (d - g)
+        w = np.where(rise, np.sin(np.pi / 4 * beta / (d - g)) ** 2, w)
+        fall = beta > np.pi - 2 * g
+        w = np.where(fall, np.sin(np.pi / 4 * (np.pi + 2 * d - beta) / (d + g)) ** 2, w)
+    w = np.where(beta > np.pi + 2 * d, 0.0, w)
+    return np.nan_to_num(w, nan=0.0).astype(np.float32)
