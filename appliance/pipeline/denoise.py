@@ -26,7 +26,7 @@ class Denoise:
 
         self.cfg = cfg
         self.card, onnx_path = load_card(cfg.model)  # CardError: refused now, with the reason
-        self.backend = select_backend(cfg.backend)
+        self.backend = select_backend(cfg.backend, engine_cache=cfg.engine_cache)
         self.session = self.backend.load(onnx_path, self.card)
         log.info("denoise.loaded", model=self.card.name, version=self.card.version, backend=self.backend.name)
 
