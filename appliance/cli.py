@@ -155,6 +155,49 @@ def _cmd_synth_ctpd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_cache(args: argparse.Namespace) -> tuple[Path, Path]:
+    denoise = config_mod.load(args.config).denoise
+    return args.model or denoise.model, args.cache or denoise.engine_cache
+
+
+def _cmd_engines_verify(args: argparse.Namespace) -> int:
+    from engines.card import CardError
+    from engines.manage import verify
+
+    model, _ = _model_and_cache(args)
+    try:
+        print(verify(model))
+    except CardError as exc:
+        print(f"model refused: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_engines_build(args: argparse.Namespace) -> int:
+    from engines.build import EngineBuildError
+    from engines.card import CardError
+    from engines.manage import build
+    from engines.runtime import BackendUnavailable
+
+    model, cache = _model_and_cache(args)
+    try:
+        key, path = build(model, cache, args.compute_capability, args.precision, args.max_batch)
+    except (CardError, EngineBuildError, BackendUnavailable) as exc:
+        print(f"engine not built: {exc}", file=sys.stderr)
+        return 2
+    print(f"engine {key}: {path}")
+    return 0
+
+
+def _cmd_engines_list(args: argparse.Namespace) -> int:
+    from engines.manage import listing
+
+    _, cache = _model_and_cache(args)
+    rows = listing(cache)
+    print("\n".join(rows) if rows else f"no engines in {cache}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance", description="Scanner-side CT/MR inference appliance")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -201,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--count", type=int, default=None, help="stop after this many events")
     et.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     et.set_defaults(func=_cmd_events_tail)
+
+    eng = sub.add_parser("engines", help="denoiser models and their TensorRT engines")
+    eng_sub = eng.add_subparsers(dest="engines_command", required=True)
+    for name, helptext, func in (("verify", "check a model and its card as the daemon would", _cmd_engines_verify),
+                                 ("build", "build the TensorRT engine into the cache", _cmd_engines_build),
+                                 ("list", "list the engines in the cache", _cmd_engines_list)):
+        e = eng_sub.add_parser(name, help=helptext)
+        e.add_argument("--model", type=Path, default=None, help="model card (default: denoise.model)")
+        e.add_argument("--cache", type=Path, default=None, help="engine cache (default: denoise.engine_cache)")
+        e.add_argument("--config", type=Path, default=None)
+        if name == "build":
+            e.add_argument("--compute-capability", default=None, help="e.g. 8.9; default: the local GPU")
+            e.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
+            e.add_argument("--max-batch", type=int, default=16)
+        e.set_defaults(func=func)
 
     synth = sub.add_parser("synth", help="make synthetic studies")
     synth_sub = synth.add_subparsers(dest="synth_command", required=True)

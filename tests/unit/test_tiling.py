@@ -8,7 +8,7 @@ import pytest
 from engines.tiling import denoise_volume, tile_starts, tile_weight
 
 from engines.runtime import OnnxRuntimeBackend
-from tests.unit.test_runtime import make_card, make_conv_net, needs_onnx
+from tests.onnx_helpers import make_card, make_conv_net, needs_onnx
 
 
 def phantom(shape, seed=0) -> np.ndarray:

@@ -11,7 +11,7 @@ from engines.cache import EngineCache, cache_key
 from engines.card import file_sha256
 
 onnx = pytest.importorskip("onnx", reason="the build tests make their ONNX models with the onnx package")
-from tests.unit.test_runtime import make_card, make_conv_net  # noqa: E402
+from tests.onnx_helpers import make_card, make_conv_net  # noqa: E402
 
 
 def _rtx():
