@@ -9,14 +9,12 @@ Times `engines.tiling.denoise_volume` on an in-memory CT volume (the reference m
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from bench.kernels import _machine
+from bench.report import publish
 from engines.card import load_card
 from engines.runtime import select_backend
 from engines.tiling import denoise_volume
@@ -53,13 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from kernels import gpu
 
     backends = ["onnxruntime", "tensorrt"] if gpu.available() else ["onnxruntime"]
-    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
-              "results": [run(args.model, args.slices, args.size, args.repeats, b) for b in backends]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish([run(args.model, args.slices, args.size, args.repeats, b) for b in backends], args.out)
     return 0
 
 

@@ -10,16 +10,12 @@ geometry count the same updates). Each timing is the best of ``--repeats`` runs 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from bench.report import publish
 from kernels.geometry import ProjectionGeometry, VolumeGrid
 from kernels.host import HostProjector
 from kernels.recon.fbp import fbp
@@ -34,30 +30,6 @@ def _best(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def _machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        rev = ""
-    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "git_revision": rev, "host_twin": "g++ -O3 -fopenmp", "gpu": _gpu_name()}
-
-
-def _gpu_name() -> str | None:
-    from kernels import gpu
-
-    if not gpu.available():
-        return None
-    import pycuda.driver as cuda
-
-    return f"{cuda.Device(0).name()} (driver {cuda.get_driver_version()})"
 
 
 def _operator(backend: str, geom, grid):
@@ -121,13 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from kernels import gpu
 
     backends = ["host", "gpu"] if gpu.available() else ["host"]
-    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
-              "results": [run(args.quick, args.repeats, b) for b in backends]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish([run(args.quick, args.repeats, b) for b in backends], args.out)
     return 0
 
 

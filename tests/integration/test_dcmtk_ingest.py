@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,13 @@ from appliance.dicom import scu  # noqa: F401  (files go out as their bytes)
 from appliance.dicom.assemble import assemble_series
 from appliance.synth.study import SyntheticStudy, write_synthetic_ct
 from tests.integration.daemon_process import DaemonProcess
+from tests.integration.peers import require_dcmtk, storescu
 
 pytestmark = pytest.mark.integration
 
-# pynetdicom installs console scripts of the same names: dcmtk's are called by full path.
-STORESCU = Path("/usr/bin/storescu")
-
-
 @pytest.fixture(autouse=True)
 def _dcmtk_installed():
-    if not STORESCU.exists():
-        pytest.fail("dcmtk is not installed (make test installs it): /usr/bin/storescu missing")
+    require_dcmtk()
 
 
 @pytest.fixture
@@ -34,13 +29,6 @@ def daemon(cfg: ApplianceConfig, tmp_path: Path):
     d = DaemonProcess(cfg, tmp_path / "daemon")
     yield d
     d.stop()
-
-
-def storescu(port: int, files: list[Path], aet: str = "CONSOLE") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(STORESCU), "-aet", aet, "-aec", "APPLIANCE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=300,
-    )
 
 
 def _spooled_volume(d: DaemonProcess, study: SyntheticStudy):

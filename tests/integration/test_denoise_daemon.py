@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from appliance.config import ApplianceConfig, Destination, RouteRule
+from appliance.config import ApplianceConfig, RouteRule
 from appliance.dicom.assemble import assemble_series
 from appliance.synth.phantom import PhantomSpec, uniform_regions
 from appliance.synth.study import write_synthetic_ct
-from tests.helpers import free_port
-from tests.integration.daemon_process import DaemonProcess
-from tests.integration.test_dcmtk_ingest import storescu
-from tests.integration.test_export import StoreSCP
+from tests.integration.peers import daemon_with_console, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -24,16 +20,10 @@ SHAPE = (300, 512, 512)
 
 @pytest.fixture
 def setup(cfg: ApplianceConfig, tmp_path: Path):
-    dest_port = free_port()
-    cfg.destinations = {"console": Destination(ae_title="CONSOLE", host="127.0.0.1", port=dest_port)}
     cfg.routes = [RouteRule(modalities=["CT"], pipeline="denoise", destinations=["console"])]
     cfg.denoise.backend = "onnxruntime"
-    cfg.completion.idle_seconds = 2.0
-    daemon = DaemonProcess(cfg, tmp_path / "daemon")
-    peer = StoreSCP(tmp_path / "received", dest_port)
-    yield daemon, peer
-    daemon.stop()
-    peer.stop()
+    with daemon_with_console(cfg, tmp_path, idle_seconds=2.0) as pair:
+        yield pair
 
 
 def test_300_slices_of_512_come_back_denoised(tmp_path, setup):

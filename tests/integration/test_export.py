@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -10,78 +9,28 @@ import numpy as np
 import pydicom
 import pytest
 
-from appliance.config import ApplianceConfig, Destination
+from appliance.config import ApplianceConfig
 from appliance.dicom.assemble import assemble_series
 from appliance.events_tail import Subscription
 from appliance.synth.study import write_synthetic_ct
 from tests.helpers import free_port
-from tests.integration.daemon_process import DaemonProcess
-from tests.integration.test_dcmtk_ingest import STORESCU, storescu
+from tests.integration.peers import daemon_with_console, require_dcmtk, storescu
 
 pytestmark = pytest.mark.integration
-STORESCP = Path("/usr/bin/storescp")
-
-
-class StoreSCP:
-    """dcmtk's storescp as the destination; counts the C-STORE requests it receives."""
-
-    def __init__(self, out: Path, port: int) -> None:
-        self.out, self.port = out, port
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = out.parent / f"storescp-{port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> StoreSCP:
-        self.proc = subprocess.Popen(
-            [str(STORESCP), "-v", "-aet", "CONSOLE", "-od", str(self.out), str(self.port)],
-            stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
-        )
-        time.sleep(0.3)
-        assert self.proc.poll() is None, self.log.read_text()
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out.iterdir() if p.is_file())
-
-    @property
-    def requests(self) -> int:
-        return self.log.read_text().count("Received Store Request") if self.log.exists() else 0
-
-    def wait_for(self, n: int, timeout_s: float = 90.0) -> list[Path]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if len(self.files) >= n:
-                time.sleep(0.5)  # let a late duplicate show itself
-                return self.files
-            time.sleep(0.1)
-        raise AssertionError(f"storescp has {len(self.files)} of {n} files after {timeout_s} s")
 
 
 @pytest.fixture(autouse=True)
 def _dcmtk_installed():
-    if not (STORESCU.exists() and STORESCP.exists()):
-        pytest.fail("dcmtk is not installed (make test installs it)")
+    require_dcmtk()
 
 
 @pytest.fixture
 def setup(cfg: ApplianceConfig, tmp_path: Path):
-    dest_port = free_port()
-    cfg.destinations = {"console": Destination(ae_title="CONSOLE", host="127.0.0.1", port=dest_port)}
-    cfg.completion.idle_seconds = 1.5
     cfg.export.retry_initial_s = 0.5
     cfg.export.retry_max_s = 1.0
     cfg.events.endpoint = f"tcp://127.0.0.1:{free_port()}"
-    daemon = DaemonProcess(cfg, tmp_path / "daemon")
-    peer = StoreSCP(tmp_path / "received", dest_port)
-    yield daemon, peer
-    daemon.stop()
-    peer.stop()
+    with daemon_with_console(cfg, tmp_path) as pair:
+        yield pair
 
 
 def test_study_in_derived_series_out_with_every_event_in_order(tmp_path, setup):

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
-from appliance.config import ApplianceConfig, Destination
+from appliance.config import ApplianceConfig
 from appliance.dicom.assemble import assemble_series
 from appliance.synth.phantom import PhantomSpec, uniform_regions
 from appliance.synth.projections import write_synthetic_projections
-from tests.helpers import free_port
-from tests.integration.daemon_process import DaemonProcess
-from tests.integration.test_dcmtk_ingest import storescu
-from tests.integration.test_export import StoreSCP
+from tests.integration.peers import daemon_with_console, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -24,16 +20,10 @@ SHAPE = (8, 96, 96)
 
 @pytest.fixture
 def setup(cfg: ApplianceConfig, tmp_path: Path):
-    dest_port = free_port()
-    cfg.destinations = {"console": Destination(ae_title="CONSOLE", host="127.0.0.1", port=dest_port)}
-    cfg.completion.idle_seconds = 1.5
     cfg.recon.matrix, cfg.recon.slices, cfg.recon.slice_mm = SHAPE[1], SHAPE[0], 2.5
     cfg.recon.iterations = 8
-    daemon = DaemonProcess(cfg, tmp_path / "daemon")
-    peer = StoreSCP(tmp_path / "received", dest_port)
-    yield daemon, peer
-    daemon.stop()
-    peer.stop()
+    with daemon_with_console(cfg, tmp_path, idle_seconds=1.5) as pair:
+        yield pair
 
 
 def test_projection_data_in_reconstructed_ct_series_out(tmp_path, setup):
