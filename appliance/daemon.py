@@ -123,6 +123,7 @@ class Daemon:
 
     def _enqueue(self, row: SeriesRow, result: Assembly, assemble_s: float) -> list[Job]:
         created = []
+        completed_at = self.spool.series(row.series_uid).completed_at  # one read for every volume
         for item in [*result.volumes, *result.projections]:
             data = "images" if isinstance(item, Volume) else "projections"
             label = input_label(item)
@@ -135,7 +136,7 @@ class Daemon:
                 series_uid=row.series_uid, generation=row.generation, label=label,
                 study_uid=row.study_uid, calling_ae=row.calling_ae, pipeline=rule.pipeline,
                 destinations=rule.destinations, received_first=row.first_received,
-                received_last=row.last_received, completed_at=self.spool.series(row.series_uid).completed_at,
+                received_last=row.last_received, completed_at=completed_at,
             )
             if not new:
                 continue

@@ -90,9 +90,6 @@ class HostProjector(Projector):
         b = self.BLOCK_PROJ
         return _blocks(n_u, b[0]), _blocks(n_v, b[1]), _blocks(n_views, b[2])
 
-    def _vol_args(self) -> tuple[int, int, int]:
-        return self.volume_dims
-
     def forward(self, volume: np.ndarray) -> np.ndarray:
         """A x: line integrals (views, rows, columns) of ``volume`` (z, y, x), 1/mm * mm."""
         volume = np.ascontiguousarray(volume, dtype=np.float32)
@@ -101,7 +98,7 @@ class HostProjector(Projector):
         proj = np.empty(self.geom.shape, dtype=np.float32)
         n_u, n_v, sdd, du, dv, u0, v0, curved = self._det
         launch("joseph_forward", self._proj_grid(), self.BLOCK_PROJ, volume, proj, self.views, self.grid_params,
-               *self._vol_args(), self.geom.n_views, n_u, n_v, sdd, du, dv, u0, v0, curved)
+               *self.volume_dims, self.geom.n_views, n_u, n_v, sdd, du, dv, u0, v0, curved)
         return proj
 
     def adjoint(self, proj: np.ndarray) -> np.ndarray:
@@ -112,14 +109,14 @@ class HostProjector(Projector):
         volume = np.zeros(self.grid.shape_zyx, dtype=np.float32)
         n_u, n_v, sdd, du, dv, u0, v0, curved = self._det
         launch("joseph_adjoint", self._proj_grid(), self.BLOCK_PROJ, proj, volume, self.views, self.grid_params,
-               *self._vol_args(), self.geom.n_views, n_u, n_v, sdd, du, dv, u0, v0, curved)
+               *self.volume_dims, self.geom.n_views, n_u, n_v, sdd, du, dv, u0, v0, curved)
         return volume
 
     def backproject(self, filtered: np.ndarray, view_weights: np.ndarray) -> np.ndarray:
         """Voxel-driven, distance-weighted backprojection of filtered projections (FBP/FDK)."""
         filtered = np.ascontiguousarray(filtered, dtype=np.float32)
         view_weights = np.ascontiguousarray(view_weights, dtype=np.float32)
-        nx, ny, nz = self._vol_args()
+        nx, ny, nz = self.volume_dims
         volume = np.empty(self.grid.shape_zyx, dtype=np.float32)
         b = self.BLOCK_VOL
         n_u, n_v, sdd, du, dv, u0, v0, curved = self._det

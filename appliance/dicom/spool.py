@@ -160,12 +160,6 @@ class Spool(Store):
         self._recover_orphans()
         return self
 
-    def __enter__(self) -> Spool:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _clear_incoming(self) -> None:
         for part in self.incoming.glob("*.part"):
             part.unlink(missing_ok=True)

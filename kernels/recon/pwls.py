@@ -34,8 +34,10 @@ def pwls_tv(y: np.ndarray, weights: np.ndarray, op, beta: float, eps: float, n_i
     w_all, y_all = op.asarray(weights), op.asarray(y)
     d = op.adjoint(w_all * op.forward(op.asarray(np.ones(op.volume_shape, dtype=np.float32))))
     d_inv = arrays.safe_inverse(d + np.float32(beta * 4 * n_dims / eps), 1e-12)
-    parts = [(op.subset(idx), op.subset(idx).asarray(y[idx]), op.subset(idx).asarray(weights[idx]))
-             for idx in subsets(op.geom.n_views, n_subsets)]
+    parts = []
+    for idx in subsets(op.geom.n_views, n_subsets):
+        sub = op.subset(idx)  # once per subset: on the GPU it uploads the subset's view vectors
+        parts.append((sub, sub.asarray(y[idx]), sub.asarray(weights[idx])))
     m = len(parts)
 
     def cost(x) -> float:
