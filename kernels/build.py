@@ -116,5 +116,31 @@ def build_fatbin(source: Path, archs: tuple[str, ...] = GPU_ARCHS) -> tuple[Path
     return _publish(tmp, target), report
 
 
+def build_ptx(source: Path, arch: str) -> Path:
+    """Compile one .cu to PTX for ``compute_<arch>`` (e.g. '89'): what a TensorRT ahead-of-time plugin
+    embeds in its engine, compiled to machine code by the driver for the GPU the engine runs on. PTX from
+    this nvcc needs a driver of its CUDA version or newer; the compute capability must not exceed the GPU's.
+    Register use is checked by the fatbin build (`build_fatbin`), which compiles the same kernels."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise KernelBuildError("nvcc not found: the plugin kernels' PTX is compiled from kernels/src")
+    if not arch.isdigit():
+        raise KernelBuildError(f"PTX architecture must be digits like '89', not {arch!r}")
+    flags = tuple(f for f in NVCC_FLAGS if f not in ("-Xptxas", "-v"))  # no ptxas run for -ptx
+    target = cache_dir() / f"ptx-{_key(source.name, arch, flags)}" / f"{source.stem}.compute_{arch}.ptx"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkstemp(dir=target.parent, suffix=".ptx")[1])
+    cmd = [nvcc, "-ptx", *flags, f"-arch=compute_{arch}", "-I", str(KERNELS_DIR), "-include", str(SHIM),
+           "-o", str(tmp), str(source)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        log = res.stdout + res.stderr
+        raise KernelBuildError(f"nvcc -ptx failed on {source.name} for compute_{arch}:\n{log[-4000:]}")
+    return _publish(tmp, target)
+
+
 def build_all_fatbins(archs: tuple[str, ...] = GPU_ARCHS) -> dict[str, Path]:
     return {src.stem: build_fatbin(src, archs)[0] for src in sources()}

@@ -31,6 +31,8 @@ _SIGNATURES = {
     "tv_terms": [_F, _F, _I, _I, _I, _R],
     "hu_to_network": [_F, _F, _L, _R, _R, _R, _R],
     "network_to_hu": [_F, _F, _F, _L, _R, _R, _I],
+    "hu_to_network_plugin": [_F, _F, _I, _F],
+    "network_to_hu_plugin": [_F, _F, _F, _I, _I, _I, _I, _I, _F],
 }
 _lock = threading.Lock()
 
@@ -179,4 +181,29 @@ def network_to_hu(hu_in: np.ndarray, y: np.ndarray, center: float, scale: float,
     out = np.empty_like(hu_in)
     launch("network_to_hu", (_blocks(hu_in.size, 256), 1, 1), (256, 1, 1), hu_in, y, out, hu_in.size,
            float(center), float(scale), int(residual))
+    return out
+
+
+def hu_to_network_plugin(hu: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The plugin-convention normalisation (kernels/src/hu.cu) on the host twin: ``hu`` (N, C, H, W) in HU,
+    ``params`` float32 (center_hu, scale_hu, clip_min_hu, clip_max_hu); returns the network input."""
+    hu = np.ascontiguousarray(hu, dtype=np.float32)
+    out = np.empty_like(hu)
+    launch("hu_to_network_plugin", (_blocks(hu.size, 256), 1, 1), (256, 1, 1), hu,
+           np.ascontiguousarray(params, dtype=np.float32), hu.size, out)
+    return out
+
+
+def network_to_hu_plugin(hu: np.ndarray, y: np.ndarray, params: np.ndarray, centre: int, residual: bool) -> np.ndarray:
+    """The plugin-convention output mapping (kernels/src/hu.cu) on the host twin: ``hu`` (N, C, H, W) the
+    network's input in HU (channel ``centre`` is the output's slice), ``y`` (N, 1, H, W) the network output;
+    returns (N, 1, H, W) HU."""
+    hu = np.ascontiguousarray(hu, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    n, c, h, w = hu.shape
+    if y.shape != (n, 1, h, w) or not 0 <= centre < c:
+        raise ValueError(f"y {y.shape} must be {(n, 1, h, w)} and centre {centre} a channel of {hu.shape}")
+    out = np.empty_like(y)
+    launch("network_to_hu_plugin", (_blocks(y.size, 256), 1, 1), (256, 1, 1), hu, y,
+           np.ascontiguousarray(params, dtype=np.float32), y.size, h * w, c, int(centre), int(residual), out)
     return out

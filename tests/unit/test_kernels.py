@@ -163,6 +163,26 @@ def test_denoiser_normalisation_kernels_do_the_cards_arithmetic():
         np.testing.assert_allclose(out, card.from_network(y, hu), rtol=1e-6, atol=1e-3)
 
 
+@pytest.mark.parametrize("meaning", ["residual", "image"])
+def test_plugin_convention_hu_kernels_do_the_cards_arithmetic_on_the_centre_slice(meaning):
+    from engines.card import ModelCard
+    from kernels.host import hu_to_network_plugin, network_to_hu_plugin
+
+    rng = np.random.default_rng(6)
+    hu = rng.uniform(-1500, 4000, size=(3, 5, 17, 19)).astype(np.float32)  # 3 slices, 2 neighbours each side
+    y = rng.normal(0, 0.05, size=(3, 1, 17, 19)).astype(np.float32)
+    card = ModelCard(name="m", version="1", onnx="m.onnx", sha256="0" * 64, intended_use="test",
+                     training_data="none", input={"context_slices": 2}, output={"meaning": meaning},
+                     normalization={"center_hu": -20.0, "scale_hu": 800.0, "clip_min_hu": -1000.0})
+    n = card.normalization
+    params = np.array([n.center_hu, n.scale_hu, n.clip_min_hu, n.clip_max_hu], np.float32)  # the kernels' order
+    x = hu_to_network_plugin(hu, params)
+    # 1e-6 network units is 0.0008 HU at scale 800 (float32 rounding of the same operations)
+    np.testing.assert_allclose(x, card.normalization.to_network(hu), rtol=1e-6, atol=1e-6)
+    out = network_to_hu_plugin(hu, y, params, centre=2, residual=meaning == "residual")
+    np.testing.assert_allclose(out[:, 0], card.from_network(y[:, 0], hu[:, 2]), rtol=1e-6, atol=1e-3)  # HU
+
+
 @pytest.mark.parametrize("shape", ["flat", "curved"])
 def test_short_scan_fbp_with_parker_weights_matches_the_full_scan(shape):
     n, fov = 128, 400.0
