@@ -1,138 +1,56 @@
-"""Runtime backends for denoiser networks behind one small interface.
+"""Runtime backends for denoiser networks behind one small interface (engines.session).
 
 ``Backend.load(onnx_path, card) -> Session``; ``Session.run(batch)`` maps (N, C, H, W) float32 network input
 to (N, 1, H, W) float32 network output, C = 2k+1 (card.input.context_slices = k). Normalisation and tiling
 are not here (see engines.tiling): a session only runs the network.
 
 - `OnnxRuntimeBackend`: the CPU twin, always available.
-- `TensorRTBackend`: an engine built from the same ONNX (engines.build), kept in the engine cache
-  (engines.cache), run with ``execute_async_v3`` on a pycuda stream from pinned host buffers. Works with full
-  TensorRT (``tensorrt``) or TensorRT-RTX (``tensorrt_rtx``); both, and pycuda, are imported only on this
-  path, because without a GPU driver they fail to import (../shared/TRAPS.md).
+- `TensorRTBackend` (engines.tensorrt_runtime): an engine built from the same ONNX, kept in the engine cache,
+  run with ``execute_async_v3`` on a CUDA stream.
 
-Both backends check the model against its card when they load it, so a mismatch is a CardError at start,
-not a shape error in the middle of a study.
+`select_backend` picks one. The names of engines.session and engines.tensorrt_runtime are importable from
+here too; importing them imports no TensorRT or pycuda (those load only when a GPU path runs).
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
 from appliance.logging import get_logger
-from engines.build import EngineBuildError, Precision, ShapeProfile, build_engine, local_compute_capability
-from engines.cache import EngineCache, atomic_write, cache_key
-from engines.card import CardError, ModelCard, file_sha256
+from engines.build import Precision, local_compute_capability
+from engines.card import CardError, ModelCard
+from engines.session import (  # re-exported: the runtime's public names (__all__)
+    Backend,
+    BackendUnavailable,
+    InferenceError,
+    Session,
+    TensorSpec,
+    check_batch,
+    check_card_hash,
+    check_model,
+    check_output,
+    onnx_io,
+    require_card,
+)
+from engines.tensorrt_runtime import (  # re-exported; imports no TensorRT by itself
+    DEFAULT_ENGINE_CACHE,
+    TensorRTBackend,
+    TensorRTSession,
+    TrtFlavour,
+    trt_flavour,
+)
+
+__all__ = [
+    "Backend", "BackendUnavailable", "DEFAULT_ENGINE_CACHE", "InferenceError", "OnnxRuntimeBackend",
+    "OnnxRuntimeSession", "Session", "TensorRTBackend", "TensorRTSession", "TensorSpec", "TrtFlavour",
+    "check_batch", "check_card_hash", "check_model", "check_output", "onnx_io", "require_card", "select_backend",
+    "trt_flavour",
+]
 
 log = get_logger(__name__)
-
-DEFAULT_ENGINE_CACHE = Path("/var/lib/appliance/engines")
-
-
-class Session(Protocol):
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) float32 -> (N, 1, H, W) float32."""
-        ...
-
-
-class Backend(Protocol):
-    name: str
-
-    def load(self, onnx_path: Path, card: ModelCard) -> Session: ...
-
-
-class BackendUnavailable(Exception):
-    """The asked-for backend cannot run here (library missing, no GPU); the message says which."""
-
-
-class InferenceError(Exception):
-    """A network run failed or returned something the card's contract does not allow."""
-
-
-# ---------------------------------------------------------------------------------------------- model checks
-
-class TensorSpec(NamedTuple):
-    name: str
-    shape: tuple[int | None, ...]  # None: a dynamic dimension
-    dtype: str  # numpy name: 'float32', 'float16', ...
-
-
-def check_model(onnx_path: Path, card: ModelCard | None, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-    """Raise CardError when the model cannot serve the card's (N, 2k+1, H, W) -> (N, 1, H, W) contract."""
-    where = Path(onnx_path).name
-    require_card(onnx_path, card)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise CardError(f"{where}: expected one input and one output, the model has {len(inputs)} input(s) "
-                        f"{[i.name for i in inputs]} and {len(outputs)} output(s)")
-    inp, out = inputs[0], outputs[0]
-    if len(inp.shape) != 4:
-        raise CardError(f"{where}: input '{inp.name}' has rank {len(inp.shape)} {_fmt(inp.shape)}, "
-                        "the card's contract is rank 4 (N, C, H, W)")
-    channels = card.input.channels
-    if inp.shape[1] is not None and inp.shape[1] != channels:
-        raise CardError(f"{where}: input '{inp.name}' takes {inp.shape[1]} channel(s), but card "
-                        f"'{card.name}' has context_slices = {card.input.context_slices}, i.e. {channels} "
-                        "channel(s) (2k+1): the card and the model do not belong together")
-    if inp.dtype != "float32" or out.dtype != "float32":
-        raise CardError(f"{where}: input and output must be float32, they are {inp.dtype} and {out.dtype} "
-                        "(an fp16 model must keep float32 I/O: engines.build.to_fp16)")
-    if len(out.shape) != 4 or (out.shape[1] is not None and out.shape[1] != 1):
-        raise CardError(f"{where}: output '{out.name}' is {_fmt(out.shape)}, the card's contract is (N, 1, H, W)")
-
-
-def require_card(onnx_path: Path, card: ModelCard | None) -> ModelCard:
-    if card is None:
-        raise CardError(f"{Path(onnx_path).name}: no model card; a denoiser is an ONNX file plus a TOML card "
-                        "beside it, which says its context slices, normalisation and output meaning")
-    return card
-
-
-def check_card_hash(onnx_path: Path, card: ModelCard) -> str:
-    """The model's sha256, which must be the card's (the engine cache is keyed by it)."""
-    digest = file_sha256(Path(onnx_path))
-    if digest != card.sha256:
-        raise CardError(f"{Path(onnx_path).name}: sha256 {digest[:12]}... does not match card '{card.name}' "
-                        f"({card.sha256[:12]}...): the card and the model do not belong together")
-    return digest
-
-
-def _fmt(shape: tuple[int | None, ...]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-
-
-def onnx_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The graph's inputs and outputs as read by the onnx package (weights not loaded)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    initializers = {t.name for t in model.graph.initializer}
-
-    def spec(v) -> TensorSpec:
-        t = v.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-        return TensorSpec(v.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name)
-
-    return ([spec(v) for v in model.graph.input if v.name not in initializers],
-            [spec(v) for v in model.graph.output])
-
-
-def _check_batch(batch: np.ndarray, channels: int) -> np.ndarray:
-    if batch.ndim != 4 or batch.shape[1] != channels:
-        raise InferenceError(f"batch of shape {batch.shape}: the network takes (N, {channels}, H, W)")
-    return np.ascontiguousarray(batch, dtype=np.float32)
-
-
-def _check_output(y: np.ndarray, batch_shape: tuple[int, ...]) -> np.ndarray:
-    n, _, h, w = batch_shape
-    if y.shape != (n, 1, h, w):
-        raise InferenceError(f"the network returned {y.shape} for input {batch_shape}; expected {(n, 1, h, w)}")
-    return y
 
 
 # ----------------------------------------------------------------------------------------------- ONNX Runtime
@@ -142,9 +60,9 @@ class OnnxRuntimeSession:
         self._session, self._input, self._channels = session, input_name, channels
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = _check_batch(batch, self._channels)
+        batch = check_batch(batch, self._channels)
         (y,) = self._session.run(None, {self._input: batch})
-        return _check_output(np.asarray(y, dtype=np.float32), batch.shape)
+        return check_output(np.asarray(y, dtype=np.float32), batch.shape)
 
 
 class OnnxRuntimeBackend:
@@ -181,227 +99,6 @@ class OnnxRuntimeBackend:
         log.info("model_loaded", backend=self.name, model=card.name, version=card.version,
                  intra_op_threads=self.intra_op_threads or "default")
         return OnnxRuntimeSession(session, inputs[0].name, card.input.channels)
-
-
-# ------------------------------------------------------------------------------------------------- TensorRT
-
-class TrtFlavour(NamedTuple):
-    name: Literal["tensorrt", "tensorrt_rtx"]
-    module: ModuleType
-    version: str
-
-
-def trt_flavour(prefer: Literal["tensorrt", "tensorrt_rtx"] | None = None) -> TrtFlavour:
-    """The TensorRT that imports here: full TensorRT first (JetPack, NVIDIA's x86 repository), then
-    TensorRT-RTX, unless ``prefer`` names one. Raises BackendUnavailable with each import's error."""
-    order = ["tensorrt", "tensorrt_rtx"]
-    if prefer is not None:
-        order = [prefer]
-    reasons = []
-    for name in order:
-        try:
-            module = __import__(name)
-            return TrtFlavour(name, module, str(module.__version__))
-        except Exception as exc:  # ImportError, or OSError/RuntimeError from a broken native library
-            reasons.append(f"{name}: {type(exc).__name__}: {exc}")
-    raise BackendUnavailable("no TensorRT importable (" + "; ".join(reasons) + ")")
-
-
-class TensorRTSession:
-    """One engine, one execution context, one CUDA stream, on the primary context of ``device``.
-
-    Batches larger than the profile's max_batch are run in chunks; H or W outside the profile is an
-    InferenceError (tile the volume: engines.tiling, tile_hw). Pinned host and device buffers grow to the
-    largest batch seen and are reused. ``run`` is serialised by a lock; any thread may call it (the primary
-    context is pushed around each call).
-    """
-
-    def __init__(self, engine_bytes: bytes, flavour: TrtFlavour, profile: ShapeProfile, device: int = 0,
-                 runtime_cache_path: Path | None = None):
-        import pycuda.driver as cuda
-
-        self._cuda, self._trt, self.profile = cuda, flavour.module, profile
-        self._lock = threading.Lock()
-        self._runtime_cache_path, self._runtime_cache, self._runtime_cache_saved = runtime_cache_path, None, False
-        cuda.init()
-        self._ctx = cuda.Device(device).retain_primary_context()
-        self._ctx.push()
-        try:
-            trt = self._trt
-            self._logger = trt.Logger(trt.Logger.WARNING)
-            self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
-            if self._engine is None:
-                raise InferenceError(f"{flavour.name} {flavour.version} cannot deserialise the engine "
-                                     "(built by another version or for another GPU?)")
-            names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-            modes = {n: self._engine.get_tensor_mode(n) for n in names}
-            self._input = next(n for n in names if modes[n] == trt.TensorIOMode.INPUT)
-            self._output = next(n for n in names if modes[n] == trt.TensorIOMode.OUTPUT)
-            for n in (self._input, self._output):
-                if self._engine.get_tensor_dtype(n) != trt.DataType.FLOAT:
-                    raise InferenceError(f"engine tensor '{n}' is {self._engine.get_tensor_dtype(n)}, not float32")
-            self._context = self._create_context()
-            self._stream = cuda.Stream()
-        finally:
-            self._ctx.pop()
-        self._host_in = self._host_out = self._dev_in = self._dev_out = None
-        self._capacity = (0, 0)
-
-    def _create_context(self):
-        # TensorRT-RTX compiles its kernels for the GPU on first use; its runtime cache keeps them across
-        # restarts so the first study after a reboot does not pay for that again.
-        if self._runtime_cache_path is not None and hasattr(self._engine, "create_runtime_config"):
-            config = self._engine.create_runtime_config()
-            if hasattr(config, "create_runtime_cache"):
-                cache = config.create_runtime_cache()
-                if self._runtime_cache_path.exists():
-                    try:
-                        cache.deserialize(self._runtime_cache_path.read_bytes())
-                    except Exception as exc:  # a stale cache only costs compile time
-                        log.warning("runtime_cache_ignored", path=str(self._runtime_cache_path), reason=str(exc))
-                config.set_runtime_cache(cache)
-                self._runtime_cache = cache
-                return self._engine.create_execution_context(config)
-        return self._engine.create_execution_context()
-
-    def _save_runtime_cache(self) -> None:
-        if self._runtime_cache is None or self._runtime_cache_saved:
-            return
-        try:
-            atomic_write(self._runtime_cache_path, bytes(memoryview(self._runtime_cache.serialize())))
-            self._runtime_cache_saved = True
-        except Exception as exc:
-            log.warning("runtime_cache_not_saved", path=str(self._runtime_cache_path), reason=str(exc))
-
-    def _ensure_capacity(self, n_in: int, n_out: int) -> None:
-        if n_in <= self._capacity[0] and n_out <= self._capacity[1]:
-            return
-        cuda = self._cuda
-        n_in, n_out = max(n_in, self._capacity[0]), max(n_out, self._capacity[1])
-        self._host_in = cuda.pagelocked_empty(n_in, np.float32)
-        self._host_out = cuda.pagelocked_empty(n_out, np.float32)
-        self._dev_in, self._dev_out = cuda.mem_alloc(n_in * 4), cuda.mem_alloc(n_out * 4)
-        self._capacity = (n_in, n_out)
-
-    def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        cuda, ctx = self._cuda, self._context
-        if not ctx.set_input_shape(self._input, chunk.shape):
-            raise InferenceError(f"the engine refused input shape {chunk.shape}")
-        out_shape = tuple(ctx.get_tensor_shape(self._output))
-        self._ensure_capacity(chunk.size, int(np.prod(out_shape)))
-        host_in = self._host_in[: chunk.size].reshape(chunk.shape)
-        host_out = self._host_out[: int(np.prod(out_shape))].reshape(out_shape)
-        np.copyto(host_in, chunk)
-        cuda.memcpy_htod_async(self._dev_in, host_in, self._stream)
-        ctx.set_tensor_address(self._input, int(self._dev_in))
-        ctx.set_tensor_address(self._output, int(self._dev_out))
-        if not ctx.execute_async_v3(stream_handle=self._stream.handle):
-            raise InferenceError("execute_async_v3 failed (see the TensorRT log)")
-        cuda.memcpy_dtoh_async(host_out, self._dev_out, self._stream)
-        self._stream.synchronize()
-        return host_out.copy()
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = _check_batch(batch, self.profile.channels)
-        _, c, h, w = batch.shape
-        if not self.profile.admits((1, c, h, w)):
-            raise InferenceError(f"slices of {h}x{w} are outside the engine's profile "
-                                 f"{self.profile.min_hw}..{self.profile.max_hw}: tile the volume (tile_hw)")
-        with self._lock:
-            self._ctx.push()
-            try:
-                step = self.profile.max_batch
-                y = np.concatenate([self._run_chunk(batch[i:i + step]) for i in range(0, len(batch), step)])
-                self._save_runtime_cache()
-            finally:
-                self._ctx.pop()
-        return _check_output(y, batch.shape)
-
-    def close(self) -> None:
-        with self._lock:
-            self._ctx.push()
-            try:
-                for buf in (self._dev_in, self._dev_out):
-                    if buf is not None:
-                        buf.free()
-                self._dev_in = self._dev_out = None
-                self._context = self._engine = None
-            finally:
-                self._ctx.pop()
-
-
-class TensorRTBackend:
-    """Engines from the engine cache, built on a miss (and cached) for this GPU, flavour and precision."""
-
-    name = "tensorrt"
-
-    def __init__(
-        self,
-        cache_root: Path = DEFAULT_ENGINE_CACHE,
-        *,
-        precision: Precision = "fp16",
-        max_batch: int = 16,
-        min_hw: tuple[int, int] = (64, 64),
-        opt_hw: tuple[int, int] = (512, 512),
-        max_hw: tuple[int, int] = (1024, 1024),
-        flavour: Literal["tensorrt", "tensorrt_rtx"] | None = None,
-        device: int = 0,
-    ):
-        self.cache = EngineCache(cache_root)
-        self.precision, self.device, self._prefer = precision, device, flavour
-        self._shape = {"max_batch": max_batch, "min_hw": tuple(min_hw), "opt_hw": tuple(opt_hw),
-                       "max_hw": tuple(max_hw)}
-
-    def load(self, onnx_path: Path, card: ModelCard | None) -> TensorRTSession:
-        onnx_path = Path(onnx_path)
-        digest = check_card_hash(onnx_path, require_card(onnx_path, card))
-        check_model(onnx_path, card, *onnx_io(onnx_path))
-        flavour = trt_flavour(self._prefer)
-        cc = local_compute_capability(self.device)
-        if cc is None:
-            raise BackendUnavailable("TensorRT backend: no CUDA GPU (pycuda finds no device)")
-        profile = ShapeProfile(channels=card.input.channels, max_batch=self._shape["max_batch"],
-                               opt_batch=self._shape["max_batch"], min_hw=self._shape["min_hw"],
-                               opt_hw=self._shape["opt_hw"], max_hw=self._shape["max_hw"])
-        key = cache_key(digest, flavour.name, flavour.version, cc, self.precision, profile)
-        engine = self.cache.get(key)
-        for attempt in (1, 2):
-            if engine is None:
-                engine = self._build(onnx_path, card, digest, flavour, cc, profile, key)
-            try:
-                session = TensorRTSession(engine, flavour, profile, self.device,
-                                          runtime_cache_path=self.cache.path_for(key).with_suffix(".rtcache"))
-                break
-            except InferenceError as exc:
-                if attempt == 2:
-                    raise
-                log.warning("engine_unusable_rebuilding", key=key, reason=str(exc))
-                self.cache.remove(key)
-                engine = None
-        log.info("model_loaded", backend=self.name, flavour=flavour.name, version=flavour.version,
-                 compute_capability=cc, precision=self.precision, model=card.name, key=key)
-        return session
-
-    def _build(self, onnx_path: Path, card: ModelCard, digest: str, flavour: TrtFlavour, cc: str,
-               profile: ShapeProfile, key: str) -> bytes:
-        started = time.perf_counter()
-        try:
-            engine = build_engine(
-                onnx_path, flavour_module=flavour.module, compute_capability=None, precision=self.precision,
-                max_batch=profile.max_batch, opt_batch=profile.opt_batch, min_hw=profile.min_hw,
-                opt_hw=profile.opt_hw, max_hw=profile.max_hw, channels=profile.channels,
-                timing_cache_path=self.cache.root / f"timing-{flavour.name}-{flavour.version}-sm{cc}.cache",
-            )
-        except EngineBuildError as exc:
-            raise InferenceError(f"cannot build an engine for '{card.name}': {exc}") from exc
-        self.cache.put(key, engine, {
-            "onnx_sha256": digest, "flavour": flavour.name, "trt_version": flavour.version,
-            "compute_capability": cc, "precision": self.precision, "profile": profile,
-            "build_seconds": round(time.perf_counter() - started, 3), "model": card.name,
-            "model_version": card.version,
-        })
-        return engine
 
 
 # ---------------------------------------------------------------------------------------------- selection

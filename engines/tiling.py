@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from engines.card import ModelCard
-from engines.runtime import InferenceError, Session
+from engines.session import InferenceError, Session
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -113,7 +113,7 @@ def test_to_fp16_keeps_float32_io_and_the_result_within_fp16_rounding(conv_net, 
 @pytest.mark.parametrize("precision,tol_hu", [("fp32", 0.05), ("fp16", 5.0)])
 def test_tensorrt_backend_matches_the_cpu_twin_and_reuses_its_cached_engine(conv_net, tmp_path, monkeypatch,
                                                                           precision, tol_hu):
-    from engines import runtime
+    from engines import tensorrt_runtime
     from engines.runtime import OnnxRuntimeBackend, TensorRTBackend
     from engines.tiling import denoise_volume
 
@@ -130,6 +130,6 @@ def test_tensorrt_backend_matches_the_cpu_twin_and_reuses_its_cached_engine(conv
     def no_build(*a, **k):
         raise AssertionError("the cached engine should have been used")
 
-    monkeypatch.setattr(runtime, "build_engine", no_build)
+    monkeypatch.setattr(tensorrt_runtime, "build_engine", no_build)
     again = TensorRTBackend(tmp_path / "engines", precision=precision, **PROFILE).load(conv_net, card)
     np.testing.assert_allclose(denoise_volume(hu, again, card, slab=8), gpu, atol=1e-4)
