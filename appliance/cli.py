@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--max-batch", type=int, default=16)
         e.set_defaults(func=func)
 
+    from bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="latency benchmarks, report and budget gate (QA)"))
+
     synth = sub.add_parser("synth", help="make synthetic studies")
     synth_sub = synth.add_subparsers(dest="synth_command", required=True)
     ct = synth_sub.add_parser("ct", help="a synthetic CT series of an anatomical phantom")

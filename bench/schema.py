@@ -166,3 +166,13 @@ def load(path) -> Document:
 
 def json_schema() -> dict[str, Any]:
     return Document.model_json_schema(by_alias=True)
+
+
+def measured(id: str, scenario: str, title: str, samples: list[float], *, metric: str, unit: str,
+             better: str, warmup: int, params: dict[str, Any] | None = None,
+             stages: dict[str, list[float]] | None = None, extra: dict[str, float] | None = None,
+             peer: Peer | None = None) -> Result:
+    """A `Result` from raw samples (and per-stage samples), statistics computed here."""
+    return Result(id=id, scenario=scenario, title=title, params=params or {}, metric=metric, unit=unit,
+                  better=better, warmup=warmup, samples=[float(s) for s in samples], stats=Stats.of(samples),
+                  stages={k: Stats.of(v) for k, v in (stages or {}).items() if v}, extra=extra or {}, peer=peer)

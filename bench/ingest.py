@@ -1,0 +1,118 @@
+"""Ingest throughput: the same study, sent by the same sender (dcmtk storescu, one association),
+into the appliance's SCP and into dcmtk's storescp on the same machine.
+
+A sample is the wall time of one storescu run, from its start to its exit after the last C-STORE
+response (process start and file reading are the same for both receivers, so they cancel in the
+ratio). The appliance's completion timer is set far out during this scenario so that no assembly
+runs while a sample is being taken: it measures receiving, nothing else. Note what differs: the
+appliance answers a C-STORE only after the instance is fsynced and indexed (nothing received is
+lost); storescp writes its file without fsync. The ratio is appliance / storescp throughput.
+Both dcmtk programs run with ``TCP_NODELAY=1`` (see `bench.e2e.DCMTK_ENV`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import numpy as np
+from pathlib import Path
+
+from appliance.config import ApplianceConfig
+from appliance.loopback import LoopbackDaemon, free_port, wait_until
+from bench.e2e import DCMTK_ENV, STORESCU, BenchError, send
+from bench.plan import Plan
+from bench.progress import Progress
+from bench.schema import Peer, Result, measured
+from bench.studies import StudyBank
+
+STORESCP = Path("/usr/bin/storescp")
+
+
+class DcmtkStoreSCP:
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        self.out = Path(work) / "storescp"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = Path(work) / "storescp.log"
+        self.proc = subprocess.Popen([str(STORESCP), "-aet", "APPLIANCE", "-od", str(self.out), str(self.port)],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=DCMTK_ENV)
+
+    def __enter__(self) -> DcmtkStoreSCP:
+        from appliance.dicom.scu import SendError, echo
+
+        def ready() -> bool:
+            try:
+                return echo("127.0.0.1", self.port, called_ae="APPLIANCE", timeout_s=2) == 0
+            except SendError:
+                return False
+
+        wait_until(ready, 20, "dcmtk storescp to answer C-ECHO", self.proc, self.log, poll_s=0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def steps(plan: Plan) -> int:
+    return 2 * plan.ingest_samples if STORESCU.exists() and STORESCP.exists() else 0
+
+
+def _samples(receiver: str, port: int, calling_ae: str, plan: Plan, bank: StudyBank, progress: Progress,
+             clear: Path | None) -> list[float]:
+    shape = plan.ingest_shape
+    out = []
+    for i in range(plan.warmup + plan.ingest_samples):
+        folder, *_ = bank.fresh(shape)
+        try:
+            warm = i < plan.warmup
+            progress.status(f"ingest into {receiver}: " + ("warm-up" if warm else f"sample {i - plan.warmup + 1}"))
+            t0 = time.perf_counter()
+            send("dcmtk-storescu", folder, port, calling_ae)
+            seconds = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            if clear is not None:  # storescp's files: only the receiving is measured, not the disk filling up
+                shutil.rmtree(clear, ignore_errors=True)
+                clear.mkdir()
+        if not warm:
+            out.append(shape[0] / seconds)
+            progress.sample(f"ingest into {receiver}", out[-1], "instances/s")
+    return out
+
+
+def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress: Progress) -> list[Result]:
+    if not (STORESCU.exists() and STORESCP.exists()):
+        raise BenchError("dcmtk is not installed (/usr/bin/storescu, /usr/bin/storescp): `make test` installs it")
+    shape = plan.ingest_shape
+    base = bank.base(shape)
+    nbytes = sum(p.stat().st_size for p in base.glob("*.dcm"))
+    label = f"{shape[2]}x{shape[1]}x{shape[0]}"
+    cfg = cfg.model_copy(deep=True)
+    cfg.completion.idle_seconds = 24 * 3600.0  # receive only: nothing completes during the scenario
+    cfg.completion.expected_count_tags = []
+    daemon = LoopbackDaemon(cfg, Path(work) / "ingest-daemon", console_port=free_port(), calling_ae="BENCH")
+    daemon.start()
+    try:
+        mine = _samples("appliance", daemon.port, daemon.calling_ae, plan, bank, progress, None)
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.workdir / "spool", ignore_errors=True)
+    with DcmtkStoreSCP(Path(work)) as scp:
+        theirs = _samples("dcmtk-storescp", scp.port, "BENCH", plan, bank, progress, scp.out)
+    params = {"sender": "dcmtk-storescu", "slices": shape[0], "rows": shape[1], "cols": shape[2], "bytes": nbytes}
+    mb = nbytes / shape[0] / 1e6  # MB per instance
+
+    def result(receiver: str, samples: list[float], peer: Peer | None = None) -> Result:
+        return measured(f"ingest/{receiver}/{label}/dcmtk-storescu", "ingest",
+                        f"receive {shape[0]} CT instances of {label} ({nbytes / 1e6:.0f} MB) into {receiver}",
+                        samples, metric="instances_per_s", unit="1/s", better="higher", warmup=plan.warmup,
+                        params={**params, "receiver": receiver}, peer=peer,
+                        extra={"mb_per_s": float(np.median(samples) * mb)})
+
+    peer_result = result("dcmtk-storescp", theirs)
+    ratio = result("appliance", mine).stats.p50 / peer_result.stats.p50
+    return [result("appliance", mine, Peer(name="dcmtk storescp", id=peer_result.id, stats=peer_result.stats,
+                                           ratio=ratio)), peer_result]
