@@ -93,6 +93,8 @@ class Result(BaseModel):
     samples: list[float]
     stats: Stats
     stages: dict[str, Stats] = Field(default_factory=dict, description="e2e: per-stage seconds, pipeline order")
+    stage_samples: dict[str, list[float]] = Field(default_factory=dict,
+                                                  description="e2e: the raw per-stage seconds behind `stages`")
     extra: dict[str, float] = Field(default_factory=dict, description="secondary numbers (p50), named with units")
     peer: Peer | None = None
 
@@ -175,4 +177,6 @@ def measured(id: str, scenario: str, title: str, samples: list[float], *, metric
     """A `Result` from raw samples (and per-stage samples), statistics computed here."""
     return Result(id=id, scenario=scenario, title=title, params=params or {}, metric=metric, unit=unit,
                   better=better, warmup=warmup, samples=[float(s) for s in samples], stats=Stats.of(samples),
-                  stages={k: Stats.of(v) for k, v in (stages or {}).items() if v}, extra=extra or {}, peer=peer)
+                  stages={k: Stats.of(v) for k, v in (stages or {}).items() if v},
+                  stage_samples={k: [float(x) for x in v] for k, v in (stages or {}).items() if v},
+                  extra=extra or {}, peer=peer)
