@@ -9,6 +9,7 @@ A denoiser is an ONNX file plus a card (TOML) beside it, ``<name>.toml``::
     intended_use = "..."
     training_data = "..."
     clinical_use = false
+    precisions = ["fp32", "fp16"]           # what an engine may run the network at (validated by its author)
 
     [input]
     context_slices = 0       # k: the network sees 2k+1 neighbouring slices as channels, centre at k
@@ -26,6 +27,10 @@ A denoiser is an ONNX file plus a card (TOML) beside it, ``<name>.toml``::
 
 The network's input is (N, 2k+1, H, W) float32 and its output (N, 1, H, W), N a batch of slices,
 H and W any size (fully convolutional).
+
+``precisions`` lists the precisions the model's author validated: TensorRT builds fp16 only where the card
+allows it (an fp16 engine of a model with large activations can overflow, or drift by more HU than the
+author accepts). Left out, both are allowed.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class CardError(Exception):
@@ -81,6 +86,9 @@ class Scores(_Section):
     psnr_gain_db: float | None = None
 
 
+Precision = Literal["fp32", "fp16"]
+
+
 class ModelCard(_Section):
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
@@ -89,10 +97,22 @@ class ModelCard(_Section):
     intended_use: str
     training_data: str
     clinical_use: bool = False
+    precisions: list[Precision] = Field(default_factory=lambda: ["fp32", "fp16"], min_length=1)
     input: InputSpec = Field(default_factory=InputSpec)
     normalization: Normalization = Field(default_factory=Normalization)
     output: OutputSpec = Field(default_factory=OutputSpec)
     scores: Scores = Field(default_factory=Scores)
+
+    @field_validator("precisions")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"precisions lists one more than once: {value}")
+        return value
+
+    def allows(self, precision: str) -> bool:
+        """True when the card lets an engine run the network at ``precision`` ('fp32' or 'fp16')."""
+        return precision in self.precisions
 
     def from_network(self, y: np.ndarray, hu_in: np.ndarray) -> np.ndarray:
         """The network's output (N, H, W) back to HU, given the centre slices' input HU."""

@@ -57,10 +57,16 @@ def progress(what: str, out=sys.stderr):
 def build(card_path: Path, cache_root: Path, compute_capability: str | None, precision: str,
           max_batch: int = 16, flavour: str | None = None) -> tuple[str, Path]:
     """Build (or find) the engine for a model into the cache; returns (key, engine path).
-    With TensorRT-RTX a compute capability can be named to build ahead of time on any machine."""
+    With TensorRT-RTX a compute capability can be named to build ahead of time on any machine.
+    Raises CardError when the card does not allow ``precision``."""
     from engines.runtime import trt_flavour
 
     card, onnx_path = load_card(card_path)
+    if not card.allows(precision):
+        allowed = ", ".join(card.precisions)
+        raise CardError(f"{card_path}: card '{card.name}' allows precision(s) {allowed} only, not {precision}: "
+                        f"its author has not validated the model at {precision}; build with --precision "
+                        f"{card.precisions[0]}")
     trt = trt_flavour(flavour)
     cc = compute_capability or local_compute_capability()
     if cc is None:

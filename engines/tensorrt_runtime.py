@@ -175,7 +175,10 @@ class TensorRTSession:
 
 
 class TensorRTBackend:
-    """Engines from the engine cache, built on a miss (and cached) for this GPU, flavour and precision."""
+    """Engines from the engine cache, built on a miss (and cached) for this GPU, flavour and precision.
+
+    precision: what to build at where the card allows it (``card.precisions``); otherwise the card's own.
+    """
 
     name = "tensorrt"
 
@@ -196,6 +199,15 @@ class TensorRTBackend:
         self._shape = {"max_batch": max_batch, "min_hw": tuple(min_hw), "opt_hw": tuple(opt_hw),
                        "max_hw": tuple(max_hw)}
 
+    def precision_for(self, card: ModelCard) -> Precision:
+        """The backend's precision where the card allows it, else the card's first (fp16 only if allowed)."""
+        if card.allows(self.precision):
+            return self.precision
+        chosen = card.precisions[0]
+        log.info("precision_limited_by_card", model=card.name, asked=self.precision, chosen=chosen,
+                 allowed=card.precisions)
+        return chosen
+
     def load(self, onnx_path: Path, card: ModelCard | None) -> TensorRTSession:
         onnx_path = Path(onnx_path)
         digest = check_card_hash(onnx_path, require_card(onnx_path, card))
@@ -204,14 +216,15 @@ class TensorRTBackend:
         cc = local_compute_capability(self.device)
         if cc is None:
             raise BackendUnavailable("TensorRT backend: no CUDA GPU (pycuda finds no device)")
+        precision = self.precision_for(card)
         profile = ShapeProfile(channels=card.input.channels, max_batch=self._shape["max_batch"],
                                opt_batch=self._shape["max_batch"], min_hw=self._shape["min_hw"],
                                opt_hw=self._shape["opt_hw"], max_hw=self._shape["max_hw"])
-        key = cache_key(digest, flavour.name, flavour.version, cc, self.precision, profile)
+        key = cache_key(digest, flavour.name, flavour.version, cc, precision, profile)
         engine = self.cache.get(key)
         for attempt in (1, 2):
             if engine is None:
-                engine = self._build(onnx_path, card, digest, flavour, cc, profile, key)
+                engine = self._build(onnx_path, card, digest, flavour, cc, precision, profile, key)
             try:
                 session = TensorRTSession(engine, flavour, profile, self.device,
                                           runtime_cache_path=self.cache.path_for(key).with_suffix(".rtcache"))
@@ -223,15 +236,15 @@ class TensorRTBackend:
                 self.cache.remove(key)
                 engine = None
         log.info("model_loaded", backend=self.name, flavour=flavour.name, version=flavour.version,
-                 compute_capability=cc, precision=self.precision, model=card.name, key=key)
+                 compute_capability=cc, precision=precision, model=card.name, key=key)
         return session
 
     def _build(self, onnx_path: Path, card: ModelCard, digest: str, flavour: TrtFlavour, cc: str,
-               profile: ShapeProfile, key: str) -> bytes:
+               precision: Precision, profile: ShapeProfile, key: str) -> bytes:
         started = time.perf_counter()
         try:
             engine = build_engine(
-                onnx_path, flavour_module=flavour.module, compute_capability=None, precision=self.precision,
+                onnx_path, flavour_module=flavour.module, compute_capability=None, precision=precision,
                 max_batch=profile.max_batch, opt_batch=profile.opt_batch, min_hw=profile.min_hw,
                 opt_hw=profile.opt_hw, max_hw=profile.max_hw, channels=profile.channels,
                 timing_cache_path=self.cache.root / f"timing-{flavour.name}-{flavour.version}-sm{cc}.cache",
@@ -240,7 +253,7 @@ class TensorRTBackend:
             raise InferenceError(f"cannot build an engine for '{card.name}': {exc}") from exc
         self.cache.put(key, engine, {
             "onnx_sha256": digest, "flavour": flavour.name, "trt_version": flavour.version,
-            "compute_capability": cc, "precision": self.precision, "profile": profile,
+            "compute_capability": cc, "precision": precision, "profile": profile,
             "build_seconds": round(time.perf_counter() - started, 3), "model": card.name,
             "model_version": card.version,
         })

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,18 @@ def test_build_ahead_of_time_for_two_targets_and_list_them(tmp_path):
     assert keys[0] in listing and keys[1] in listing and "sm 8.9" in listing and "sm 8.6" in listing
     res = _cli("build", "--model", card, "--cache", cache, "--compute-capability", "9.0")
     assert res.returncode == 2 and "engine not built" in res.stderr
+
+
+def test_build_refuses_a_precision_the_card_forbids_and_builds_one_it_allows(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (the test extra) builds engines without a GPU")
+    card_path = _model(tmp_path / "m")
+    card = tomllib.loads(card_path.read_text())
+    card_path.write_text(tomli_w.dumps({**card, "precisions": ["fp32"]}))
+    cache = tmp_path / "cache"
+    res = _cli("build", "--model", card_path, "--cache", cache, "--compute-capability", "8.9")  # fp16 by default
+    assert res.returncode == 2
+    assert "allows precision(s) fp32 only, not fp16" in res.stderr and "--precision fp32" in res.stderr
+    assert not cache.exists()  # refused before anything was built
+    res = _cli("build", "--model", card_path, "--cache", cache, "--compute-capability", "8.9", "--precision", "fp32")
+    assert res.returncode == 0, res.stderr
+    assert "fp32" in _cli("list", "--cache", cache).stdout

@@ -8,14 +8,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from engines.build import ShapeProfile, local_compute_capability
 from engines.cache import EngineCache, cache_key
-from engines.card import CardError
+from engines.card import CardError, ModelCard
 from engines.runtime import (
     BackendUnavailable,
     InferenceError,
     OnnxRuntimeBackend,
+    TensorRTBackend,
     select_backend,
     trt_flavour,
 )
@@ -193,3 +195,32 @@ def test_engine_cache_overwrite_keeps_one_entry(tmp_path):
     cache.put(key, b"first", BASE)
     cache.put(key, b"second", BASE)
     assert cache.get(key) == b"second" and len(cache.list()) == 1
+
+
+# ------------------------------------------------------------------------------------------ card precisions
+
+
+def test_card_precisions_default_to_both_and_are_validated():
+    card = dict(name="m", version="1", onnx="m.onnx", sha256="0" * 64, intended_use="t", training_data="none")
+    assert ModelCard(**card).precisions == ["fp32", "fp16"]
+    assert not ModelCard(**card, precisions=["fp32"]).allows("fp16")
+    for bad in ([], ["fp8"], ["fp16", "fp16"]):
+        with pytest.raises(ValidationError):
+            ModelCard(**card, precisions=bad)
+
+
+def test_tensorrt_backend_builds_fp16_only_where_the_card_allows_it(tmp_path):
+    card = dict(name="m", version="1", onnx="m.onnx", sha256="0" * 64, intended_use="t", training_data="none")
+    backend = TensorRTBackend(tmp_path, precision="fp16")
+    assert backend.precision_for(ModelCard(**card)) == "fp16"
+    assert backend.precision_for(ModelCard(**card, precisions=["fp32"])) == "fp32"
+    assert TensorRTBackend(tmp_path, precision="fp32").precision_for(ModelCard(**card)) == "fp32"
+
+
+def test_reference_model_card_allows_fp16():
+    from pathlib import Path
+
+    from engines.card import load_card
+
+    card, _ = load_card(Path(__file__).resolve().parents[2] / "engines" / "models" / "reference-redcnn.toml")
+    assert card.precisions == ["fp32", "fp16"]
