@@ -1,8 +1,10 @@
-"""The engine cache: serialised TensorRT engines on disk, one per (model, TensorRT, GPU, precision, shapes).
+"""The engine cache: serialised TensorRT engines on disk, one per (model, TensorRT, GPU, precision, shapes, io).
 
 An engine is only valid for the TensorRT flavour and version that built it, the GPU's compute capability,
 the precision it was built at and the optimisation profile (../shared/TRAPS.md), so all of these go into
-the key. Each engine ``<key>.engine`` has a JSON sidecar ``<key>.json`` holding everything in the key plus
+the key, and so does its I/O: ``io = "network"`` maps the network's normalised input to its output, ``"hu"``
+embeds the card's HU arithmetic as plugins and maps HU to HU (engines.hu_io); the two are not
+interchangeable. Each engine ``<key>.engine`` has a JSON sidecar ``<key>.json`` holding everything in the key plus
 the build time; the sidecar is written last, so an engine without one is an interrupted write and counts as
 a miss. Writes are atomic (temporary file, fsync, rename): a crash or a second process building the same
 engine never leaves a torn file behind.
@@ -25,7 +27,8 @@ from appliance.logging import get_logger
 log = get_logger(__name__)
 
 KEY_FIELDS = ("onnx_sha256", "flavour", "trt_version", "compute_capability", "precision", "profile")
-_SCHEMA = 1  # bump when the key's meaning changes: old engines then miss instead of loading wrongly
+IO_MODES = ("network", "hu")
+_SCHEMA = 2  # bump when the key's meaning changes: old engines then miss instead of loading wrongly (2: io)
 
 
 def normalize_compute_capability(cc: str | tuple[int, int]) -> str:
@@ -51,11 +54,14 @@ def _profile_dict(profile: Any) -> dict[str, Any]:
 
 
 def key_fields(
-    onnx_sha256: str, flavour: str, trt_version: str, compute_capability: str, precision: str, profile: Any
+    onnx_sha256: str, flavour: str, trt_version: str, compute_capability: str, precision: str, profile: Any,
+    io: str = "network",
 ) -> dict[str, Any]:
     """The key's fields in canonical form (what the sidecar records)."""
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
+    if io not in IO_MODES:
+        raise ValueError(f"io must be one of {IO_MODES}, not {io!r}")
     return {
         "onnx_sha256": onnx_sha256.lower(),
         "flavour": flavour,
@@ -63,14 +69,17 @@ def key_fields(
         "compute_capability": normalize_compute_capability(compute_capability),
         "precision": precision,
         "profile": _profile_dict(profile),
+        "io": io,
     }
 
 
 def cache_key(
-    onnx_sha256: str, flavour: str, trt_version: str, compute_capability: str, precision: str, profile: Any
+    onnx_sha256: str, flavour: str, trt_version: str, compute_capability: str, precision: str, profile: Any,
+    io: str = "network",
 ) -> str:
-    """A stable 32-hex-digit key: the same inputs give the same key in any process, on any machine."""
-    fields = key_fields(onnx_sha256, flavour, trt_version, compute_capability, precision, profile)
+    """A stable 32-hex-digit key: the same inputs give the same key in any process, on any machine.
+    ``io`` defaults to "network" (an engine without embedded HU plugins)."""
+    fields = key_fields(onnx_sha256, flavour, trt_version, compute_capability, precision, profile, io)
     canonical = json.dumps({"schema": _SCHEMA, **fields}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -129,12 +138,13 @@ class EngineCache:
         return data
 
     def put(self, key: str, engine_bytes: bytes, meta: Mapping[str, Any]) -> Path:
-        """Store an engine. ``meta`` must hold every key field (checked against ``key``) and may add more
-        (``build_seconds``, ``onnx_path``...); size, checksum and creation time are added here."""
+        """Store an engine. ``meta`` must hold every key field (checked against ``key``; ``io`` may be left
+        out for "network") and may add more (``build_seconds``, ``onnx_path``...); size, checksum and creation
+        time are added here."""
         missing = [f for f in KEY_FIELDS if f not in meta]
         if missing:
             raise ValueError(f"engine meta lacks key field(s) {missing}")
-        fields = key_fields(**{f: meta[f] for f in KEY_FIELDS})
+        fields = key_fields(**{f: meta[f] for f in KEY_FIELDS}, io=meta.get("io", "network"))
         if cache_key(**fields) != key:
             raise ValueError(f"engine meta does not match key {key}: {fields}")
         data = bytes(engine_bytes)

@@ -117,6 +117,7 @@ BASE = {"onnx_sha256": "ab" * 32, "flavour": "tensorrt_rtx", "trt_version": "1.7
 
 def test_cache_key_is_stable_hex():
     key = cache_key(**BASE)
+    assert cache_key(**BASE, io="network") == key  # an engine without embedded HU kernels, as before
     assert key == cache_key(**BASE) and len(key) == 32 and int(key, 16) >= 0
     # Spellings of the same compute capability and a profile given as a dict are the same key.
     assert cache_key(**{**BASE, "compute_capability": "sm_89"}) == key
@@ -132,9 +133,15 @@ def test_cache_key_is_stable_hex():
     {"compute_capability": "8.6"},
     {"profile": replace(PROFILE, max_hw=(512, 512))},
     {"profile": replace(PROFILE, channels=3)},
+    {"io": "hu"},
 ], ids=lambda c: next(iter(c)))
 def test_cache_key_changes_with_each_field(change):
     assert cache_key(**{**BASE, **change}) != cache_key(**BASE)
+
+
+def test_cache_key_refuses_an_unknown_io():
+    with pytest.raises(ValueError, match="io must be one of"):
+        cache_key(**BASE, io="raw")
 
 
 # --------------------------------------------------------------------------------------------- engine cache
@@ -152,6 +159,15 @@ def test_engine_cache_put_get_list_remove(tmp_path):
     assert json.loads(cache.path_for(key).with_suffix(".json").read_text())["precision"] == "fp16"
     cache.remove(key)
     assert cache.get(key) is None and cache.list() == [] and not any(cache.root.iterdir())
+
+
+def test_engine_cache_records_the_engines_io(tmp_path):
+    cache = EngineCache(tmp_path)
+    key = cache_key(**BASE, io="hu")
+    cache.put(key, b"engine", {**BASE, "io": "hu"})
+    assert cache.get(key) == b"engine" and cache.list()[0]["io"] == "hu"
+    with pytest.raises(ValueError, match="does not match key"):
+        cache.put(key, b"engine", BASE)  # io left out means "network": not this key
 
 
 def test_engine_cache_refuses_meta_that_does_not_match_key(tmp_path):
