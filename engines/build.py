@@ -8,6 +8,11 @@ TensorRT-RTX builds ahead of time on a machine without a GPU for a named compute
 SM86, SM89, SM120, SM121 in 1.7); CI uses that to prove the build path. Full TensorRT builds only for the GPU
 it runs on. TensorRT-RTX has no timing cache (its builder does not time tactics; the calls are deprecated
 no-ops since RTX 1.2), so ``timing_cache_path`` is used with full TensorRT only.
+
+``io = "hu"`` builds the engine around the card's arithmetic: the model is wrapped with the HU plugins
+(engines.hu_io.wrap_onnx) after any fp16 conversion, so the engine takes the HU batch (N, C, H, W) and
+returns HU (N, 1, H, W). It needs a TensorRT with ahead-of-time Python plugins (engines.hu_io.plugin_support;
+not TensorRT-RTX 1.7) and nvcc for the kernels' PTX.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Literal
 
 from appliance.logging import get_logger
 from engines.cache import atomic_write, normalize_compute_capability
+from engines.card import ModelCard
 
 log = get_logger(__name__)
 
@@ -155,6 +161,8 @@ def build_engine(
     channels: int | None = None,
     timing_cache_path: Path | None = None,
     workspace_bytes: int | None = None,
+    io: Literal["network", "hu"] = "network",
+    card: ModelCard | None = None,
 ) -> bytes:
     """Build a serialised engine for ``onnx_path``, an (N, C, H, W) -> (N, 1, H, W) network.
 
@@ -162,6 +170,7 @@ def build_engine(
     ahead of time, GPU or not; full TensorRT accepts only None or the local GPU's own.
     precision: 'fp16' builds from an fp16 copy of the model (see `to_fp16`); 'fp32' from the file as it is.
     channels: C of the profile; None reads it from the model's input (it must then be static).
+    io: 'network' (the model as it is) or 'hu' (the card's HU arithmetic embedded as plugins; needs ``card``).
     Raises EngineBuildError with the parser's and builder's messages.
     """
     trt = flavour_module
@@ -169,6 +178,10 @@ def build_engine(
     rtx = _is_rtx(trt)
     if precision not in ("fp16", "fp32"):
         raise EngineBuildError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
+    if io not in ("network", "hu"):
+        raise EngineBuildError(f"io must be 'network' or 'hu', not {io!r}")
+    if io == "hu":
+        _prepare_hu_plugins(trt, onnx_path, card, compute_capability)
     started = time.perf_counter()
     logger = _collecting_logger(trt)
 
@@ -178,6 +191,10 @@ def build_engine(
 
     with tempfile.TemporaryDirectory(prefix="engine-build-") as tmp:
         model_path = to_fp16(onnx_path, Path(tmp) / "model-fp16.onnx") if precision == "fp16" else onnx_path
+        if io == "hu":
+            from engines.hu_io import wrap_onnx
+
+            model_path = wrap_onnx(model_path, Path(tmp) / "model-hu.onnx", card)
         builder = trt.Builder(logger)
         flags = 0
         if hasattr(trt, "NetworkDefinitionCreationFlag") and hasattr(trt.NetworkDefinitionCreationFlag,
@@ -211,6 +228,10 @@ def build_engine(
         config.add_optimization_profile(opt)
         if workspace_bytes:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+            # TF32 (on by default) keeps 10 mantissa bits in convolutions: ~0.5 HU on a residual of 1000 HU.
+            # An fp32 engine is the accurate one, within 0.05 HU of the CPU twin.
+            config.clear_flag(trt.BuilderFlag.TF32)
 
         target = "local GPU"
         if rtx:
@@ -249,5 +270,27 @@ def build_engine(
             atomic_write(path, bytes(memoryview(config.get_timing_cache().serialize())))
 
     log.info("engine_built", onnx=onnx_path.name, flavour=trt.__name__, version=trt.__version__, target=target,
-             precision=precision, bytes=len(engine), seconds=round(time.perf_counter() - started, 3))
+             precision=precision, io=io, bytes=len(engine), seconds=round(time.perf_counter() - started, 3))
     return engine
+
+
+def _prepare_hu_plugins(trt: ModuleType, onnx_path: Path, card: ModelCard | None,
+                        compute_capability: str | None) -> None:
+    """Register the HU plugins with their PTX for the engine's target, or say why they cannot be embedded."""
+    from engines.hu_io import plugin_support, ptx_arch, register_plugins
+    from kernels.build import SOURCE_DIR, KernelBuildError, build_ptx
+
+    where = Path(onnx_path).name
+    if card is None:
+        raise EngineBuildError(f"{where}: an engine with HU I/O needs the model's card (normalisation, output)")
+    reason = plugin_support(trt)
+    if reason is not None:
+        raise EngineBuildError(f"{where}: cannot embed the HU kernels as plugins: {reason}")
+    cc = normalize_compute_capability(compute_capability) if compute_capability else local_compute_capability()
+    if cc is None:
+        raise EngineBuildError(f"{where}: no GPU here to take the plugins' PTX target from: name the target")
+    try:
+        ptx = build_ptx(SOURCE_DIR / "hu.cu", ptx_arch(cc)).read_bytes()
+    except KernelBuildError as exc:
+        raise EngineBuildError(f"{where}: the HU plugins' PTX: {exc}") from exc
+    register_plugins(trt, ptx)

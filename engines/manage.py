@@ -58,7 +58,11 @@ def build(card_path: Path, cache_root: Path, compute_capability: str | None, pre
           max_batch: int = 16, flavour: str | None = None) -> tuple[str, Path]:
     """Build (or find) the engine for a model into the cache; returns (key, engine path).
     With TensorRT-RTX a compute capability can be named to build ahead of time on any machine.
-    Raises CardError when the card does not allow ``precision``."""
+
+    The engine is the one the daemon's TensorRT backend looks for: with the HU kernels embedded as plugins
+    where the TensorRT flavour has ahead-of-time plugins (io "hu"), else without (io "network", the kernels
+    then run on the engine's stream). Raises CardError when the card does not allow ``precision``."""
+    from engines.hu_io import plugin_support
     from engines.runtime import trt_flavour
 
     card, onnx_path = load_card(card_path)
@@ -68,21 +72,23 @@ def build(card_path: Path, cache_root: Path, compute_capability: str | None, pre
                         f"its author has not validated the model at {precision}; build with --precision "
                         f"{card.precisions[0]}")
     trt = trt_flavour(flavour)
+    io = "network" if plugin_support(trt.module) else "hu"
     cc = compute_capability or local_compute_capability()
     if cc is None:
         raise EngineBuildError("no GPU here: name the target with --compute-capability (TensorRT-RTX builds "
                                "ahead of time for 7.5, 8.0, 8.6, 8.9, 12.0, 12.1)")
     profile = ShapeProfile(channels=card.input.channels, max_batch=max_batch)
-    key = cache_key(card.sha256, trt.name, trt.version, cc, precision, profile)
+    key = cache_key(card.sha256, trt.name, trt.version, cc, precision, profile, io)
     cache = EngineCache(cache_root)
     if cache.get(key) is not None:
         return key, cache.path_for(key)
     started = time.perf_counter()
-    with progress(f"building {card.name} for sm {cc} ({precision}, {trt.name} {trt.version})"):
+    with progress(f"building {card.name} for sm {cc} ({precision}, io {io}, {trt.name} {trt.version})"):
         engine = build_engine(onnx_path, flavour_module=trt.module, compute_capability=compute_capability,
-                              precision=precision, max_batch=max_batch, channels=card.input.channels)
+                              precision=precision, max_batch=max_batch, channels=card.input.channels, io=io,
+                              card=card)
     path = cache.put(key, engine, {"onnx_sha256": card.sha256, "flavour": trt.name, "trt_version": trt.version,
-                                   "compute_capability": cc, "precision": precision, "profile": profile,
+                                   "compute_capability": cc, "precision": precision, "profile": profile, "io": io,
                                    "model": f"{card.name} {card.version}",
                                    "build_seconds": round(time.perf_counter() - started, 2)})
     return key, path
@@ -93,5 +99,6 @@ def listing(cache_root: Path) -> list[str]:
     for meta in EngineCache(cache_root).list():
         rows.append(f"{meta['key']}  {meta.get('model', meta['onnx_sha256'][:12])}  {meta['flavour']} "
                     f"{meta['trt_version']}  sm {meta['compute_capability']}  {meta['precision']}  "
+                    f"io {meta.get('io', 'network')}  "
                     f"{meta['engine_bytes']} B  {meta['created_utc']}")
     return rows

@@ -1,12 +1,12 @@
 """Runtime backends for denoiser networks behind one small interface (engines.session).
 
-``Backend.load(onnx_path, card) -> Session``; ``Session.run(batch)`` maps (N, C, H, W) float32 network input
-to (N, 1, H, W) float32 network output, C = 2k+1 (card.input.context_slices = k). Normalisation and tiling
-are not here (see engines.tiling): a session only runs the network.
+``Backend.load(onnx_path, card) -> Session``; ``Session.run(batch)`` maps (N, C, H, W) float32 to
+(N, 1, H, W) float32, C = 2k+1 (card.input.context_slices = k); the session's ``io`` says whether those are
+the network's own input and output or HU (engines.session). Tiling is not here (engines.tiling).
 
-- `OnnxRuntimeBackend`: the CPU twin, always available.
+- `OnnxRuntimeBackend`: the CPU twin, always available; ``io = "network"``.
 - `TensorRTBackend` (engines.tensorrt_runtime): an engine built from the same ONNX, kept in the engine cache,
-  run with ``execute_async_v3`` on a CUDA stream.
+  run on a CUDA stream with the card's HU arithmetic on the GPU; ``io = "hu"``.
 
 `select_backend` picks one. The names of engines.session and engines.tensorrt_runtime are importable from
 here too; importing them imports no TensorRT or pycuda (those load only when a GPU path runs).
@@ -27,6 +27,7 @@ from engines.session import (  # re-exported: the runtime's public names (__all_
     BackendUnavailable,
     InferenceError,
     Session,
+    SessionIO,
     TensorSpec,
     check_batch,
     check_card_hash,
@@ -45,7 +46,7 @@ from engines.tensorrt_runtime import (  # re-exported; imports no TensorRT by it
 
 __all__ = [
     "Backend", "BackendUnavailable", "DEFAULT_ENGINE_CACHE", "InferenceError", "OnnxRuntimeBackend",
-    "OnnxRuntimeSession", "Session", "TensorRTBackend", "TensorRTSession", "TensorSpec", "TrtFlavour",
+    "OnnxRuntimeSession", "Session", "SessionIO", "TensorRTBackend", "TensorRTSession", "TensorSpec", "TrtFlavour",
     "check_batch", "check_card_hash", "check_model", "check_output", "onnx_io", "require_card", "select_backend",
     "trt_flavour",
 ]
@@ -56,6 +57,8 @@ log = get_logger(__name__)
 # ----------------------------------------------------------------------------------------------- ONNX Runtime
 
 class OnnxRuntimeSession:
+    io: SessionIO = "network"  # the caller applies the card's arithmetic (engines.tiling, in NumPy)
+
     def __init__(self, session: Any, input_name: str, channels: int):
         self._session, self._input, self._channels = session, input_name, channels
 

@@ -1,8 +1,13 @@
 """What every denoiser session promises, and the checks of a model against its card.
 
-A `Backend` loads an ONNX model with its card into a `Session`; ``Session.run(batch)`` maps the network's
-input (N, C, H, W) float32 to its output (N, 1, H, W) float32, C = 2k+1 (card.input.context_slices = k).
-Normalisation and tiling are not here (see engines.tiling): a session only runs the network.
+A `Backend` loads an ONNX model with its card into a `Session`; ``Session.run(batch)`` maps a batch of
+(N, C, H, W) float32 to (N, 1, H, W) float32, C = 2k+1 (card.input.context_slices = k). What the numbers
+are is the session's ``io``:
+
+- ``"network"``: the network's own input and output; the caller applies the card's normalisation and
+  output mapping (engines.tiling does, in NumPy). The ONNX Runtime CPU twin is such a session.
+- ``"hu"``: HU in, HU out; the session applies the card's arithmetic itself, with the CUDA kernels of
+  kernels/src/hu.cu inside its TensorRT engine or on the engine's stream (engines.hu_io).
 
 Both backends check the model against its card when they load it (`check_model`), so a mismatch is a
 CardError at start, not a shape error in the middle of a study.
@@ -11,13 +16,18 @@ CardError at start, not a shape error in the middle of a study.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
 from engines.card import CardError, ModelCard, file_sha256
 
+SessionIO = Literal["network", "hu"]
+
+
 class Session(Protocol):
+    io: SessionIO  # "network": network input -> network output; "hu": HU -> HU (see the module's docstring)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 -> (N, 1, H, W) float32."""
         ...

@@ -11,6 +11,11 @@ quarter of the overlap, rises over its middle half and is one on its inner quart
 overlap sum to one, so there are no seams, and a pixel within ``tile_overlap // 4`` of a tile's inner edge
 (where the network sees the tile's zero padding instead of the image) never counts: with a receptive-field
 radius up to ``tile_overlap // 4`` pixels the tiled result equals the whole-slice one to float rounding.
+
+The card's arithmetic (normalisation in front, output mapping behind) is done here in NumPy for a session of
+``io = "network"`` (the CPU twin); a session of ``io = "hu"`` (TensorRT) does it on the GPU and gets HU.
+Blending tiles commutes with the output mapping, which is affine with weights summing to one, so both give
+the same result to float rounding.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def _run(session: Session, x: np.ndarray) -> np.ndarray:
 
 
 def infer_slices(x: np.ndarray, session: Session, tile_hw: int | None, tile_overlap: int) -> np.ndarray:
-    """Network output (N, H, W) for network input (N, C, H, W), whole or as blended tiles."""
+    """The session's output (N, H, W) for its input (N, C, H, W), whole or as blended tiles (network units or
+    HU, as the session's ``io``)."""
     n, _, height, width = x.shape
     if tile_hw is None or (tile_hw >= height and tile_hw >= width):
         return _run(session, x)
@@ -109,14 +115,17 @@ def denoise_volume(
         raise ValueError(f"out has shape {out.shape}, hu {hu.shape}")
     k = card.input.context_slices
     context = np.arange(-k, k + 1)
+    hu_io = getattr(session, "io", "network") == "hu"
     step = slab - 2 * overlap
     for z0 in range(0, depth, step):
         z1 = min(z0 + step, depth)
         b0, b1 = max(0, z0 - overlap), min(depth, z1 + overlap)
         # Each batch entry is one slice with its 2k+1 neighbours as channels, the ends repeated.
         neighbours = np.clip(np.arange(b0, b1)[:, None] + context[None, :], 0, depth - 1)
-        x = card.normalization.to_network(np.asarray(hu[neighbours.ravel()], dtype=np.float32))
+        x = np.asarray(hu[neighbours.ravel()], dtype=np.float32)
+        if not hu_io:
+            x = card.normalization.to_network(x)
         x = x.reshape(b1 - b0, 2 * k + 1, *hu.shape[1:])
         y = infer_slices(x, session, tile_hw, tile_overlap)[z0 - b0:z1 - b0]
-        out[z0:z1] = card.from_network(y, np.asarray(hu[z0:z1], dtype=np.float32))
+        out[z0:z1] = y if hu_io else card.from_network(y, np.asarray(hu[z0:z1], dtype=np.float32))
     return out

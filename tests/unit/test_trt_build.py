@@ -59,6 +59,28 @@ def test_rtx_aot_engine_goes_into_the_cache(conv_net, tmp_path):
     assert cache.get(key) == engine and cache.list()[0]["compute_capability"] == "8.9"
 
 
+def test_rtx_engine_of_the_reference_model_for_sm89_is_the_networks_and_keyed_so(tmp_path):
+    """TensorRT-RTX 1.7 cannot embed the HU kernels (engines.hu_io): its engine maps the network's input to its
+    output, the kernels run on the engine's stream, and the cache key says so (io "network", not "hu")."""
+    import dataclasses
+    from pathlib import Path
+
+    from engines.card import load_card
+    from engines.manage import build
+
+    trt = _rtx()
+    card_path = Path(__file__).resolve().parents[2] / "engines" / "models" / "reference-redcnn.toml"
+    key, path = build(card_path, tmp_path, "8.9", "fp16", max_batch=4)
+    meta = EngineCache(tmp_path).meta(key)
+    assert meta["io"] == "network" and meta["precision"] == "fp16" and path.stat().st_size > 10_000
+    card, _ = load_card(card_path)
+    fields = {k: meta[k] for k in ("onnx_sha256", "flavour", "trt_version", "compute_capability", "precision")}
+    profile = ShapeProfile(channels=card.input.channels, max_batch=4)
+    assert cache_key(**fields, profile=profile, io="network") == key
+    assert cache_key(**fields, profile=dataclasses.asdict(profile), io="hu") != key
+    assert fields["trt_version"] == trt.__version__
+
+
 def test_rtx_refuses_a_target_it_cannot_build_and_names_those_it_can(conv_net):
     trt = _rtx()
     assert {"8.6", "8.9"} <= set(rtx_compute_capabilities(trt))
