@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         results_path.write_text(doc.dump())
         print(f"results: {results_path}")
     if not args.no_report:
-        from bench.render import render_report
+        from bench.report import render_report
 
         out.mkdir(parents=True, exist_ok=True)
         report = render_report(doc, out, results_name=Path(results_path).name
@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
 
         print(suggest(doc))
     if args.check is not None:
-        from bench.budgets import run_check
+        from bench.gate import run_check
 
         code = run_check(Path(results_path), args.check)
         if code != 0:

@@ -1,4 +1,4 @@
-"""The budget gate (bench/budgets.py) on synthetic results documents."""
+"""The budgets file (bench/budgets.py) and the gate (bench/gate.py) on synthetic results documents."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import budgets
+from bench import budgets, gate
 from bench.schema import Document, Git, Machine, Options, Result, Stats
 
 E2E = "e2e/denoise/512x512x300/appliance-scu/c1/first_byte_to_last_response"
@@ -60,11 +60,11 @@ def save(tmp_path: Path, doc: Document, name: str = "results.json") -> Path:
     return p
 
 
-def check_text(tmp_path: Path, doc: Document, text: str) -> budgets.CheckReport:
-    return budgets.check(doc, write(tmp_path, text))
+def check_text(tmp_path: Path, doc: Document, text: str) -> gate.CheckReport:
+    return gate.check(doc, write(tmp_path, text))
 
 
-def only(report: budgets.CheckReport, kind: str = "budget") -> budgets.CheckLine:
+def only(report: gate.CheckReport, kind: str = "budget") -> gate.CheckLine:
     lines = [line for line in report.lines if line.kind == kind]
     assert len(lines) == 1, lines
     return lines[0]
@@ -113,12 +113,12 @@ def test_gate_fails_when_budget_set_below_measured_value(tmp_path: Path, capsys)
     below = write(tmp_path, f'[[budget]]\nid = "{E2E}"\nstat = "p95"\nmax = {measured * 0.9}\n', "below.toml")
     above = write(tmp_path, f'[[budget]]\nid = "{E2E}"\nstat = "p95"\nmax = {measured * 1.1}\n', "above.toml")
 
-    assert budgets.run_check(results, above) == 0
-    assert budgets.run_check(results, below) == 1
-    assert budgets.main(["--check", str(below), str(results)]) == 1
+    assert gate.run_check(results, above) == 0
+    assert gate.run_check(results, below) == 1
+    assert gate.main(["--check", str(below), str(results)]) == 1
     out = capsys.readouterr().out
     assert "FAIL: 1 of 1 checks failed" in out and E2E in out
-    assert budgets.gate(doc, below) == 1  # what `appliance bench --check` calls after a run
+    assert gate.gate(doc, below) == 1  # what `appliance bench --check` calls after a run
 
 
 def test_pattern_budget_applies_to_every_match(tmp_path: Path):
@@ -173,7 +173,7 @@ def regression_file(tmp_path: Path, baseline: Document, fraction: float = 0.25, 
 def test_regression_both_directions(tmp_path: Path, better: str, base: float, now: float, passed: bool):
     rid = DENOISE if better == "lower" else INGEST
     path = regression_file(tmp_path, document(result(rid, [base], better=better)))
-    report = budgets.check(document(result(rid, [now], better=better)), path)
+    report = gate.check(document(result(rid, [now], better=better)), path)
     line = only(report, "regression")
     assert (report.passed, line.passed, line.status) == (passed, passed, "pass" if passed else "fail")
     assert line.baseline == base and line.measured == now
@@ -183,7 +183,7 @@ def test_regression_both_directions(tmp_path: Path, better: str, base: float, no
 
 def test_regression_compares_the_configured_stat(tmp_path: Path):
     path = regression_file(tmp_path, document(result(DENOISE, [10.0, 10.0, 10.0])), extra='stat = "max"\n')
-    report = budgets.check(document(result(DENOISE, [10.0, 10.0, 20.0])), path)  # p50 same, max doubled
+    report = gate.check(document(result(DENOISE, [10.0, 10.0, 20.0])), path)  # p50 same, max doubled
     assert not report.passed and only(report, "regression").stat == "max"
 
 
@@ -192,7 +192,7 @@ def test_new_not_run_and_ignored_do_not_fail(tmp_path: Path):
                     result(INGEST, [100.0], better="higher"))
     path = regression_file(tmp_path, base, extra='ignore = ["ingest/*"]\n')
     now = document(result(DENOISE, [10.0]), result(E2E, [80.0]), result(INGEST, [10.0], better="higher"))
-    report = budgets.check(now, path)
+    report = gate.check(now, path)
     by_id = {line.id: line.status for line in report.lines}
     assert by_id == {DENOISE: "pass", E2E: "new", KERNEL: "not run"}
     assert report.ignored == [INGEST] and report.passed
@@ -201,7 +201,7 @@ def test_new_not_run_and_ignored_do_not_fail(tmp_path: Path):
 
 def test_unit_change_is_not_compared(tmp_path: Path):
     path = regression_file(tmp_path, document(result(DENOISE, [10000.0], unit="ms")))
-    report = budgets.check(document(result(DENOISE, [10.0])), path)
+    report = gate.check(document(result(DENOISE, [10.0])), path)
     assert report.passed and only(report, "regression").status == "skip"
 
 
@@ -211,25 +211,25 @@ def test_relative_baseline_path_is_relative_to_the_budgets_file(tmp_path: Path, 
     monkeypatch.chdir(tmp_path / "results")  # not the budgets file's folder
     loaded = budgets.load_budgets(path)
     assert loaded.baseline_path == tmp_path / "budgets" / "../results/base.json"
-    assert not budgets.check(document(result(DENOISE, [12.0])), path).passed
+    assert not gate.check(document(result(DENOISE, [12.0])), path).passed
 
 
 def test_absolute_baseline_path(tmp_path: Path):
     base = save(tmp_path, document(result(DENOISE, [10.0])), "elsewhere/base.json")
     path = write(tmp_path, f'[regression]\nbaseline = "{base}"\nmax_fraction = 0.1\n', "budgets/cpu.toml")
-    assert budgets.check(document(result(DENOISE, [10.5])), path).passed
+    assert gate.check(document(result(DENOISE, [10.5])), path).passed
 
 
 def test_machine_mismatch_warns_but_does_not_fail(tmp_path: Path):
     path = regression_file(tmp_path, document(result(DENOISE, [10.0]), cores=16, gpu="NVIDIA H100"))
-    report = budgets.check(document(result(DENOISE, [10.0]), quick=True), path)
+    report = gate.check(document(result(DENOISE, [10.0]), quick=True), path)
     assert report.passed
     assert any("different machine" in w and "16 vs 2 cores" in w and "GPU NVIDIA H100 vs none" in w
                for w in report.warnings)
     assert any("quick run with a full baseline" in w for w in report.warnings)
     assert "WARNING: the baseline ran on a different machine" in report.format()
     path = regression_file(tmp_path, document(result(DENOISE, [10.0])))
-    assert budgets.check(document(result(DENOISE, [10.0])), path).warnings == []
+    assert gate.check(document(result(DENOISE, [10.0])), path).warnings == []
 
 
 # ------------------------------------------------------------------ bad input -> exit 2
@@ -252,11 +252,11 @@ def test_machine_mismatch_warns_but_does_not_fail(tmp_path: Path):
 def test_invalid_budgets_exit_2_with_a_clear_message(tmp_path: Path, capsys, text: str, expected: str):
     path = write(tmp_path, text)
     results = save(tmp_path, standard())
-    assert budgets.main(["--check", str(path), str(results)]) == 2
+    assert gate.main(["--check", str(path), str(results)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and expected in err, err
     with pytest.raises(budgets.BudgetError):
-        budgets.check(standard(), path)
+        gate.check(standard(), path)
 
 
 def test_second_budget_is_named_by_its_id(tmp_path: Path):
@@ -276,7 +276,7 @@ def test_bad_results_file_exits_2(tmp_path: Path, capsys, content: str | None, e
     results = tmp_path / "results.json"
     if content is not None:
         results.write_text(content)
-    assert budgets.run_check(results, path) == 2
+    assert gate.run_check(results, path) == 2
     out = capsys.readouterr().out
     assert expected in out and str(results) in out
 
@@ -284,7 +284,7 @@ def test_bad_results_file_exits_2(tmp_path: Path, capsys, content: str | None, e
 def test_bad_baseline_document_exits_2(tmp_path: Path, capsys):
     write(tmp_path, "{}", "base.json")
     path = write(tmp_path, '[regression]\nbaseline = "base.json"\nmax_fraction = 0.1\n')
-    assert budgets.run_check(save(tmp_path, standard()), path) == 2
+    assert gate.run_check(save(tmp_path, standard()), path) == 2
     assert "[regression] baseline" in capsys.readouterr().out
 
 
@@ -301,15 +301,15 @@ def test_suggest_round_trips_into_a_passing_check(tmp_path: Path, capsys):
     assert by_id[INGEST]["min"] <= doc.result(INGEST).stats.p95 * 0.5
     assert by_id[E2E]["max"] >= doc.result(E2E).stats.p95 * 1.5
     assert by_id[E2E]["max"] == 126.0  # 83.8 * 1.5 = 125.7, rounded up to 3 significant digits
-    report = budgets.check(doc, write(tmp_path, text))
+    report = gate.check(doc, write(tmp_path, text))
     assert report.passed and len(report.lines) == len(doc.results)
 
     # and with a baseline: the run is its own baseline, so it passes again
     results = save(tmp_path, doc)
     text = budgets.suggest(doc, baseline="results.json")
-    assert budgets.run_check(results, write(tmp_path, text)) == 0
+    assert gate.run_check(results, write(tmp_path, text)) == 0
     capsys.readouterr()
-    assert budgets.main(["--suggest", str(results), "--margin", "0.2", "--stat", "p50"]) == 0
+    assert gate.main(["--suggest", str(results), "--margin", "0.2", "--stat", "p50"]) == 0
     assert tomllib.loads(capsys.readouterr().out)["budget"][0]["stat"] == "p50"
 
 

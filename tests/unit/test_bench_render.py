@@ -1,4 +1,4 @@
-"""bench.render: the Markdown report and its plots from a results document."""
+"""The Markdown report (bench/report.py) and its plots (bench/plots/) from a results document."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+from matplotlib.container import BarContainer
 import numpy as np
 import pytest
 
-from bench import render
-from bench.render import PLOT_FILES, fmt, render_report
-from bench.schema import Document, Git, Machine, Options, Peer, Result, Stats
+from bench import labels
+from bench.labels import fmt
+from bench.plots import PLOT_FILES
+from bench.plots import e2e as e2e_plots
+from bench.plots.throughput import ingest_bars
+from bench.report import main as report_main
+from bench.report import render_report
+from bench.schema import SCENARIOS, Document, Git, Machine, Options, Peer, Result, Stats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STAGES = ("receive", "completion_wait", "assemble", "queue_wait", "stage:denoise", "derive", "export")
@@ -40,8 +47,9 @@ def _document(results: list[Result], *, scenarios=None, skipped=None, quick=Fals
         config=config or {}, results=results, skipped=skipped or {})
 
 
-def _e2e(rng, slices: int, sender: str, concurrency: int, n: int = 5) -> list[Result]:
-    """A first-byte result with stages, and its last-image twin, growing with slices and studies."""
+def _e2e(rng, slices: int, sender: str, concurrency: int, n: int = 5, stage_samples: bool = False) -> list[Result]:
+    """A first-byte result with stages (and their raw samples, with ``stage_samples``), and its
+    last-image twin, growing with slices and studies."""
     base = 0.02 * slices * (1.0 + 0.6 * (concurrency - 1)) * (1.15 if sender == "dcmtk-storescu" else 1.0)
     params = {"pipeline": "ct-denoise", "slices": slices, "rows": 512, "cols": 512, "sender": sender,
               "concurrency": concurrency}
@@ -49,9 +57,11 @@ def _e2e(rng, slices: int, sender: str, concurrency: int, n: int = 5) -> list[Re
     samples = base * (1 + 0.05 * rng.standard_normal(n * concurrency)).clip(0.8)
     shares = dict(zip(STAGES, (0.35, 0.05, 0.08, 0.02, 0.4, 0.04, 0.06)))
     stages = {s: Stats.of(samples * k) for s, k in shares.items()}
+    raw = {s: [float(x) for x in samples * k] for s, k in shares.items()} if stage_samples else {}
     extra = {"batch_makespan_s_p50": float(base * 1.1)} if concurrency > 1 else {}
     first = _result(f"e2e/ct-denoise/{size}/{sender}/c{concurrency}/first_byte_to_last_response", "e2e", samples,
-                    params=params | {"measure": "first_byte_to_last_response"}, stages=stages, extra=extra)
+                    params=params | {"measure": "first_byte_to_last_response"}, stages=stages, stage_samples=raw,
+                    extra=extra)
     last = _result(f"e2e/ct-denoise/{size}/{sender}/c{concurrency}/last_image_to_last_response", "e2e",
                    samples * 0.55, params=params | {"measure": "last_image_to_last_response"}, extra=extra)
     return [first, last]
@@ -144,8 +154,8 @@ def test_fmt_keeps_significant_digits():
     assert fmt(0) == "0"
     assert fmt(3.2e-6) == "3.200e-06"
     assert fmt(None) == "—"
-    assert render.fmt_ratio(0.8477) == "0.85×"
-    assert render.fmt_duration(1834.2) == "30 min 34 s"
+    assert labels.fmt_ratio(0.8477) == "0.85×"
+    assert labels.fmt_duration(1834.2) == "30 min 34 s"
 
 
 def test_header_records_where_and_how(full):
@@ -219,9 +229,78 @@ def test_e2e_stage_breakdown(full):
     assert len([row for row in _table_rows(report, " / ") if "`" not in row]) == 12
 
 
+def _stage_figure(monkeypatch, results: list[Result]):
+    """The e2e stage figure as drawn, before it is saved and closed."""
+    figures = []
+    monkeypatch.setattr(e2e_plots, "save", lambda fig, out_dir, key: figures.append(fig) or PLOT_FILES[key])
+    e2e_plots.plot_stages(results, Path("unused"))
+    (fig,) = figures
+    return fig
+
+
+def _stage_documents(stage_samples: bool) -> list[Result]:
+    rng = np.random.default_rng(3)
+    results: list[Result] = []
+    for slices in (64, 300):
+        for sender in SENDERS:
+            results += _e2e(rng, slices, sender, 1, n=6, stage_samples=stage_samples)
+    results += _e2e(rng, 300, "appliance-scu", 2, n=3, stage_samples=stage_samples)  # not the reference
+    return results
+
+
+def test_e2e_stage_plot_shows_the_distribution_of_stage_samples(monkeypatch, tmp_path):
+    results = _stage_documents(stage_samples=True)
+    fig = _stage_figure(monkeypatch, results)
+    try:
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title() for ax in panels] == [f"sender {s}" for s in SENDERS]
+        assert "distribution" in fig.get_suptitle() and "1 concurrent study" in fig.get_suptitle()
+        for ax, sender in zip(panels, SENDERS):
+            reference = [r for r in results if r.stages and r.params["sender"] == sender
+                         and r.params["concurrency"] == 1]
+            assert not ax.containers, "bars drawn although every stage has its samples"
+            assert [t.get_text() for t in ax.get_yticklabels()] == list(STAGES)
+            assert "box quartiles, red median, whiskers min–max, points the samples" in ax.get_xlabel()
+            # one box per (series size, stage), and every sample of the reference results as a point
+            assert len(ax.patches) == len(reference) * len(STAGES)
+            points = np.sort(np.concatenate([ln.get_xdata() for ln in ax.get_lines() if ln.get_marker() == "o"]))
+            expected = np.sort(np.concatenate([r.stage_samples[s] for r in reference for s in STAGES]))
+            np.testing.assert_allclose(points, expected, rtol=0, atol=1e-12)  # seconds, exactly as measured
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["512×512×64", "512×512×300"]
+            # the shared axis starts at 0 s and no panel's slowest sample is cut off
+            left, right = ax.get_xlim()
+            slowest = max(max(v) for r in results if r.params["concurrency"] == 1 for v in r.stage_samples.values())
+            assert left == 0 and right >= slowest
+    finally:
+        plt.close(fig)
+    monkeypatch.undo()
+    render_report(_document(results), tmp_path)
+    _assert_png(tmp_path / PLOT_FILES["e2e_stages"])
+
+
+def test_e2e_stage_plot_falls_back_to_p50_p95_bars_without_samples(monkeypatch):
+    results = _stage_documents(stage_samples=False)  # a document from before stage_samples
+    fig = _stage_figure(monkeypatch, results)
+    try:
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert "p50 and p95" in fig.get_suptitle()
+        for ax, sender in zip(panels, SENDERS):
+            reference = [r for r in results if r.stages and r.params["sender"] == sender
+                         and r.params["concurrency"] == 1]
+            assert not [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+            assert "bar p50, whisker p95" in ax.get_xlabel()
+            bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+            assert len(bars) == len(reference)
+            for bar, r in zip(bars, reference):
+                widths = [p.get_width() for p in bar.patches]
+                np.testing.assert_allclose(widths, [r.stages[s].p50 for s in STAGES], rtol=0, atol=1e-12)
+    finally:
+        plt.close(fig)
+
+
 def test_ingest_bars_pair_the_peer_with_its_own_result(full):
     doc, _, _ = full
-    groups, receivers, values, notes = render.ingest_bars([r for r in doc.results if r.scenario == "ingest"])
+    groups, receivers, values, notes = ingest_bars([r for r in doc.results if r.scenario == "ingest"])
     assert groups == ["512×512×128", "512×512×300"]
     assert receivers == ["appliance", "dcmtk-storescp"]  # not a third bar for the peer's spelling
     assert values[("512×512×300", "dcmtk-storescp")].p50 == 410.0
@@ -287,12 +366,12 @@ def test_odd_but_valid_documents_render(tmp_path):
                 params={"concurrency": "many", "slices": "lots", "sender": None, "rows": [1, 2]}),
         _result("e2e/odd/1x1x2/x/c1/last_image_to_last_response", "e2e", [2.0], params={"concurrency": 1.0}),
     ]
-    doc = _document(results, scenarios=list(render.SCENARIOS))
+    doc = _document(results, scenarios=list(SCENARIOS))
     report = render_report(doc, tmp_path).read_text()
     assert "drawing it failed" not in report
     assert "| e2e/custom-run |" in report or "`e2e/custom-run`" in report
     assert "0.50×" in report
-    _, receivers, _, _ = render.ingest_bars([r for r in results if r.scenario == "ingest"])
+    _, receivers, _, _ = ingest_bars([r for r in results if r.scenario == "ingest"])
     assert receivers == ["appliance", "dcmtk-storescp"]  # the peer's bar, named from its id
     assert "(n=1)" in report  # stage on fewer samples than the result
     assert "\\|pipe\\|" in report  # pipes in cells are escaped
@@ -306,12 +385,12 @@ def test_main_writes_next_to_the_json(tmp_path, capsys):
     results = tmp_path / "run" / "results.json"
     results.parent.mkdir()
     results.write_text(_document([r]).dump())
-    assert render.main([str(results)]) == 0
+    assert report_main([str(results)]) == 0
     report = results.parent / "report.md"
     assert capsys.readouterr().out.strip() == str(report)
     assert "[results.json](results.json)" in report.read_text()
     _assert_png(results.parent / PLOT_FILES["kernels"])
     out = tmp_path / "elsewhere"
-    assert render.main([str(results), "--out", str(out)]) == 0
+    assert report_main([str(results), "--out", str(out)]) == 0
     assert "[../run/results.json](../run/results.json)" in (out / "report.md").read_text()
     assert json.loads(results.read_text())["schema"] == "appliance-bench/1"
