@@ -266,7 +266,8 @@ def suggest(doc: Document, margin: float = 0.5, stat: str = "p95", *, baseline: 
             max_fraction: float = 0.25) -> str:
     """A starting budgets TOML for the machine ``doc`` ran on: for every result, its ``stat`` with
     ``margin`` of slack (lower-is-better: ``max = value * (1 + margin)`` rounded up; higher-is-better:
-    ``min = value * (1 - margin)`` rounded down; three significant digits), so the run it came from
+    ``min = value * (1 - margin)`` rounded down, on the ``min`` statistic unless ``stat`` is p50 or
+    mean, because a throughput's bad tail is its low end; three significant digits), so the run it came from
     passes. With ``baseline`` (a path as it should appear in the file) a [regression] table is
     written; otherwise a commented-out one. Budgets are per hardware: generate one per machine class."""
     if stat not in STATS:
@@ -297,10 +298,13 @@ def suggest(doc: Document, margin: float = 0.5, stat: str = "p95", *, baseline: 
         out.append("# Not run on this machine: " + "; ".join(f"{k} ({v})" for k, v in doc.skipped.items()))
         out.append("")
     for r in doc.results:
-        v = r.stats.get(stat)
+        # The tail that matters: a latency's high percentile, a throughput's low end (the
+        # statistics have no p5, so its worst sample).
+        used = stat if r.better == "lower" or stat in ("p50", "mean") else "min"
+        v = r.stats.get(used)
         out.append("[[budget]]")
         out.append(f"id = {_toml_str(r.id)}")
-        out.append(f"stat = {_toml_str(stat)}")
+        out.append(f"stat = {_toml_str(used)}")
         if r.better == "lower":
             bound = f"max = {_toml_float(_round_sig(v * (1 + margin), 3, up=True))}"
         else:

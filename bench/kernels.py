@@ -45,7 +45,8 @@ def synced(backend: str, fn: Callable[[], object]) -> Callable[[], None]:
     return call
 
 
-def timed(fn: Callable[[], None], warmup: int, n: int) -> list[float]:
+def timed(fn: Callable[[], None], warmup: int, n: int, on_sample: Callable[[float], None] = lambda s: None) -> list[float]:
+    """Seconds of ``n`` calls of ``fn`` after ``warmup`` uncounted ones; ``on_sample`` sees each as it comes."""
     for _ in range(warmup):
         fn()
     out = []
@@ -53,6 +54,7 @@ def timed(fn: Callable[[], None], warmup: int, n: int) -> list[float]:
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
+        on_sample(out[-1])
     return out
 
 
@@ -84,10 +86,9 @@ def run(plan: Plan, progress: Progress) -> list[Result]:
         name = "gpu (pycuda)" if backend == "gpu" else "host twin (g++ -O3 -fopenmp)"
         for operation in OPERATIONS:
             progress.status(f"kernels {backend} {operation} {n}^3")
-            gups = [updates / s / 1e9 for s in timed(synced(backend, calls[operation]), plan.warmup,
-                                                      plan.kernel_samples)]
-            for g in gups:
-                progress.sample(f"kernels {backend} {operation}", g, "GUPS")
+            gups = [updates / s / 1e9 for s in timed(
+                synced(backend, calls[operation]), plan.warmup, plan.kernel_samples,
+                lambda s: progress.sample(f"kernels {backend} {operation}", updates / s / 1e9, "GUPS"))]
             results.append(measured(
                 f"kernels/{backend}/{operation}/{n}^3", "kernels",
                 f"{operation} on {name}: {n}^3 volume, {plan.recon_views} views of {rows}x{cols}, curved cone beam",

@@ -40,9 +40,8 @@ def run(plan: Plan, progress: Progress) -> list[Result]:
             fn, extra_params = runs[algorithm]
             progress.status(f"recon {backend} {algorithm} {n}^3")
             # The kernels scenario (or FDK) has warmed the host-twin build up; PWLS-TV is long, no extra warm-up.
-            times = timed(synced(backend, fn), plan.warmup if algorithm == "fdk" else 0, plan.recon_samples)
-            for t in times:
-                progress.sample(f"recon {backend} {algorithm}", t, "s")
+            times = timed(synced(backend, fn), plan.warmup if algorithm == "fdk" else 0, plan.recon_samples,
+                          lambda t: progress.sample(f"recon {backend} {algorithm}", t, "s"))
             extra = {"seconds_per_iteration": float(np.median(times)) / plan.pwls_iterations} if algorithm == "pwls-tv" else {}
             results.append(measured(
                 f"recon/{backend}/{algorithm}/{n}^3", "recon",

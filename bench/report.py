@@ -67,7 +67,9 @@ def _header(doc: Document, results_name: str) -> list[str]:
                                                                                     m.compute_capability)) if v)
     versions = ", ".join(f"{k} {v}" if v else f"{k} (not installed)" for k, v in doc.versions.items()) or "—"
     mode = "quick (CI smoke run; small sizes, numbers indicative only)" if o.quick else "full"
-    options = (f"{mode}; {o.repeats} repeat{'s' if o.repeats != 1 else ''} after {o.warmup} warm-up "
+    repeats = ("the plan's sample counts (per row below)" if o.repeats is None
+               else f"{o.repeats} repeat{'s' if o.repeats != 1 else ''}")
+    options = (f"{mode}; {repeats} after {o.warmup} warm-up "
                f"run{'s' if o.warmup != 1 else ''}; scenarios: {', '.join(o.scenarios) or '—'}")
     link = f"<{results_name}>" if any(c.isspace() for c in results_name) else results_name
     rows = [

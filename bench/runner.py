@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace, plan: Plan, scenarios: list[str]) -> tuple
     doc = Document(
         started=started, wall_s=time.monotonic() - t0, machine=environment.machine(), git=environment.git(),
         versions=environment.versions(),
-        options=Options(quick=plan.quick, repeats=args.repeats or 0, warmup=plan.warmup, scenarios=scenarios,
+        options=Options(quick=plan.quick, repeats=args.repeats, warmup=plan.warmup, scenarios=scenarios,
                         command=" ".join(["appliance", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"]
                         else " ".join(sys.argv)),
         config=daemon_config, results=results, skipped=skipped)

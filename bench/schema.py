@@ -127,7 +127,7 @@ class Git(BaseModel):
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     quick: bool
-    repeats: int
+    repeats: int | None = Field(None, description="--repeats; None: the plan's own sample counts")
     warmup: int
     scenarios: list[str]
     command: str
