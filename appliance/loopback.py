@@ -86,6 +86,28 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str,
     raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}" + (f"; daemon log: {log}" if log else ""))
 
 
+def start_daemon(cfg: ApplianceConfig, config_path: Path, log_path: Path, calling_ae: str,
+                 timeout_s: float = 60.0) -> subprocess.Popen:
+    """``appliance run --config config_path`` (``cfg`` written there) as a child process, logging
+    to ``log_path``, without the caller's APPLIANCE_* environment; returns once it answers C-ECHO
+    on loopback (raises, with the log's tail, if it exits or ``timeout_s`` passes first)."""
+    config_path.write_text(to_toml(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    # The readiness probe's refused connections are expected; keep them out of the caller's log.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(config_path)],
+                            env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        try:
+            return echo("127.0.0.1", cfg.node.port, calling_ae=calling_ae, timeout_s=2) == 0
+        except SendError:
+            return False
+
+    wait_until(ready, timeout_s, "the daemon to answer C-ECHO", proc, log_path, poll_s=0.1)
+    return proc
+
+
 class LoopbackDaemon:
     """``appliance run`` as a child process on loopback, with its console destination pointed at
     ``console_port`` and its events at a free port (``events_endpoint``)."""
@@ -119,20 +141,7 @@ class LoopbackDaemon:
         return self.cfg.events.endpoint
 
     def start(self, timeout_s: float = 60.0) -> LoopbackDaemon:
-        self.config_path.write_text(to_toml(self.cfg))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        # The readiness probe's refused connections are expected; keep them out of the caller's log.
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-        self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],
-                                     env=env, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            try:
-                return echo("127.0.0.1", self.port, calling_ae=self.calling_ae, timeout_s=2) == 0
-            except SendError:
-                return False
-
-        wait_until(ready, timeout_s, "the daemon to answer C-ECHO", self.proc, self.log_path, poll_s=0.1)
+        self.proc = start_daemon(self.cfg, self.config_path, self.log_path, self.calling_ae, timeout_s)
         return self
 
     def subscribe(self, topics: tuple[str, ...] = ()) -> Subscription:

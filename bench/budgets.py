@@ -174,17 +174,20 @@ def parse_budgets(text: str, source: str = "<budgets>") -> BudgetFile:
         raise BudgetError(_format_validation(source, data, exc)) from exc
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BudgetError(f"{path}: cannot read the {what} file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise BudgetError(f"{path}: not UTF-8 text: {exc}") from exc
+
+
 def load_budgets(path: str | Path, *, load_baseline: bool = True) -> Budgets:
     """Read, validate and (with ``load_baseline``) load the baseline of a budgets file; raises
     `BudgetError`. Cheap: call it before a long run so a typo fails in a second, not after it."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BudgetError(f"{path}: cannot read the budgets file: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise BudgetError(f"{path}: not UTF-8 text: {exc}") from exc
-    file = parse_budgets(text, str(path))
+    file = parse_budgets(_read_text(path, "budgets"), str(path))
     budgets = Budgets(file=file, source=str(path))
     if file.regression is not None:
         base = Path(file.regression.baseline).expanduser()
@@ -202,12 +205,7 @@ def load_budgets(path: str | Path, *, load_baseline: bool = True) -> Budgets:
 def load_results(path: str | Path) -> Document:
     """A results document (``bench/schema.py``); raises `BudgetError` naming the file and field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BudgetError(f"{path}: cannot read the results file: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise BudgetError(f"{path}: not UTF-8 text: {exc}") from exc
+    text = _read_text(path, "results")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from appliance.config import ApplianceConfig, to_toml
-from appliance.dicom.scu import SendError, echo
+from appliance.config import ApplianceConfig
+from appliance.loopback import start_daemon
 
 
 class DaemonProcess:
@@ -30,26 +28,10 @@ class DaemonProcess:
 
     def start(self, timeout_s: float = 30.0) -> DaemonProcess:
         self.runs += 1
-        self.config_path.write_text(to_toml(self.cfg))  # as the test has set it up
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],
-            stdout=open(self.log_path, "w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
         allowed = self.cfg.peers.allowed_calling_ae_titles
-        probe_ae = allowed[0] if allowed else "READY_PROBE"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if echo("127.0.0.1", self.cfg.node.port, calling_ae=probe_ae, timeout_s=2) == 0:
-                    return self
-            except SendError:
-                time.sleep(0.1)
-        raise RuntimeError(f"daemon not answering C-ECHO after {timeout_s} s:\n{self.log_path.read_text()}")
+        self.proc = start_daemon(self.cfg, self.config_path, self.log_path,  # as the test has set it up
+                                 allowed[0] if allowed else "READY_PROBE", timeout_s)
+        return self
 
     def kill(self) -> None:
         assert self.proc is not None
