@@ -96,6 +96,13 @@ class CompletionConfig(_Section):
         description="attributes that, when present, give the number of instances to expect; "
         "the series completes as soon as that many have arrived",
     )
+    on_release: bool = Field(
+        True, description="complete a series when the association that sent it is released (after the grace)"
+    )
+    release_grace_s: float = Field(
+        0.5, ge=0, description="wait this long after the release for consoles that send one series over "
+        "several associations; an instance arriving meanwhile cancels the release rule"
+    )
     poll_interval_s: float = Field(0.5, gt=0)
 
 

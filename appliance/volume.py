@@ -73,6 +73,12 @@ class Volume:
     header: Any = None  # pydicom Dataset: the first slice's attributes, pixel data removed
     label: str = ""  # how it was split from its series, e.g. "echo=2"; "" when the series is one volume
     provenance: list[str] = field(default_factory=list)
+    # Set by the assembler, one per slice: each slice's own source header (pixel data removed) and
+    # ImagePositionPatient (mm). A stage that keeps the slices (denoise, passthrough) keeps them; one
+    # that resamples makes a new Volume without them. They let each derived instance depend on its
+    # own slice only (`derive.derive_datasets`).
+    slice_headers: list[Any] | None = None
+    slice_positions: np.ndarray | None = None  # (z, 3)
 
     @property
     def shape(self) -> tuple[int, int, int]:

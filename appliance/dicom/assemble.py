@@ -61,19 +61,22 @@ def _join(*labels: str) -> str:
 
 
 def _read_headers(
-    paths: list[Path],
+    paths: list[Path], known: dict[Path, pydicom.Dataset] | None = None,
 ) -> tuple[list[Frame], dict[Path, pydicom.Dataset], list[Rejection], list[Path]]:
-    """Frames of the image instances, their headers, rejections, and the projection-data files."""
+    """Frames of the image instances, their headers, rejections, and the projection-data files.
+    ``known``: headers already parsed (by the SCP, as the instances arrived); only the others are read."""
     frames: list[Frame] = []
     headers: dict[Path, pydicom.Dataset] = {}
     rejections: list[Rejection] = []
     projection_paths: list[Path] = []
     for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:
-            rejections.append(Rejection("unreadable", f"{path.name}: {type(exc).__name__}: {exc}", "", 1))
-            continue
+        ds = known.get(path) if known else None
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception as exc:
+                rejections.append(Rejection("unreadable", f"{path.name}: {type(exc).__name__}: {exc}", "", 1))
+                continue
         if is_ctpd(ds):
             projection_paths.append(path)
             continue
@@ -92,16 +95,30 @@ def _read_projections(paths: list[Path], result: Assembly) -> None:
         result.rejections.append(Rejection(exc.reason, exc.detail, "projections", len(paths)))
 
 
-def assemble_series(paths: list[Path], cfg: AssemblyConfig) -> Assembly:
-    """Assemble the instances at ``paths`` (one series) into volumes and rejections."""
-    frames, headers, rejections, projection_paths = _read_headers(paths)
-    result = Assembly(rejections=rejections)
-    if projection_paths:
-        _read_projections(projection_paths, result)
+@dataclass
+class Planned:
+    """A volume the assembler will build: its frames in slice order, checked, not yet decoded."""
+
+    label: str
+    order: list[Frame]
+
+
+@dataclass
+class SeriesPlan:
+    planned: list[Planned] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    projection_paths: list[Path] = field(default_factory=list)
+    headers: dict[Path, pydicom.Dataset] = field(default_factory=dict)
+
+
+def plan_series(paths: list[Path], cfg: AssemblyConfig,
+                headers: dict[Path, pydicom.Dataset] | None = None) -> SeriesPlan:
+    """Every check of the assembly on the headers alone (no pixel data is read): how the instances
+    at ``paths`` (one series) split into volumes, each in slice order, and what is rejected."""
+    frames, hdrs, rejections, projection_paths = _read_headers(paths, headers)
+    plan = SeriesPlan(rejections=rejections, projection_paths=projection_paths, headers=hdrs)
     if not frames:
-        if not rejections and not result.projections:
-            result.rejections.append(Rejection("no_images", "the series holds no image frames", "", 0))
-        return result
+        return plan
     groups: dict[tuple, list[Frame]] = defaultdict(list)
     for f in frames:
         groups[(f.echo, f.temporal, f.stack)].append(f)
@@ -114,15 +131,33 @@ def assemble_series(paths: list[Path], cfg: AssemblyConfig) -> Assembly:
                 f"temporal={temporal}" if temporal is not None else "",
                 f"stack={stack}" if stack is not None else "",
             )
-        _assemble_group(members, label, cfg, headers, result)
+        _plan_group(members, label, cfg, plan)
+    return plan
+
+
+def assemble_series(paths: list[Path], cfg: AssemblyConfig,
+                    headers: dict[Path, pydicom.Dataset] | None = None) -> Assembly:
+    """Assemble the instances at ``paths`` (one series) into volumes and rejections.
+    ``headers``: those already parsed, by path (the rest are read from the files)."""
+    plan = plan_series(paths, cfg, headers)
+    result = Assembly(rejections=list(plan.rejections))
+    if plan.projection_paths:
+        _read_projections(plan.projection_paths, result)
+    if not plan.planned and not plan.projection_paths:
+        if not result.rejections:
+            result.rejections.append(Rejection("no_images", "the series holds no image frames", "", 0))
+        return result
+    for item in plan.planned:
+        try:
+            result.volumes.append(build_volume(item.order, item.label, cfg, plan.headers))
+        except AssemblyError as exc:
+            result.rejections.append(Rejection(exc.reason, exc.detail, item.label, len(item.order)))
     for r in result.rejections:
         log.warning("assembly.rejected", reason=r.reason, detail=r.detail, label=r.label, frames=r.frames)
     return result
 
 
-def _assemble_group(
-    frames: list[Frame], label: str, cfg: AssemblyConfig, headers: dict[Path, pydicom.Dataset], out: Assembly
-) -> None:
+def _plan_group(frames: list[Frame], label: str, cfg: AssemblyConfig, out: SeriesPlan) -> None:
     try:
         _check_consistent(frames, cfg)
         normal = _normal(frames[0].orientation)
@@ -130,9 +165,10 @@ def _assemble_group(
         clusters = _position_clusters(order, cfg.spacing_tolerance_mm)
         if any(len(c) > 1 for c in clusters):
             for sub_label, sub in _split_duplicates(order, clusters):
-                _assemble_group(sub, _join(label, sub_label), cfg, headers, out)
+                _plan_group(sub, _join(label, sub_label), cfg, out)
             return
-        out.volumes.append(_build_volume(order, label, cfg, headers))
+        _slice_axis(order, normal, cfg)  # geometry checks: raise before anything is decoded
+        out.planned.append(Planned(label, order))
     except AssemblyError as exc:
         out.rejections.append(Rejection(exc.reason, exc.detail, label, len(frames)))
 
@@ -265,13 +301,17 @@ def _slice_axis(order: list[Frame], normal: np.ndarray, cfg: AssemblyConfig) -> 
     return axis, spacing
 
 
-def _build_volume(
-    order: list[Frame], label: str, cfg: AssemblyConfig, headers: dict[Path, pydicom.Dataset]
+def build_volume(
+    order: list[Frame], label: str, cfg: AssemblyConfig, headers: dict[Path, pydicom.Dataset],
+    geometry_frames: list[Frame] | None = None,
 ) -> Volume:
+    """The volume of ``order`` (frames in slice order, checked by `plan_series`), pixels decoded
+    and rescaled. ``geometry_frames``: the frames the geometry is taken from when ``order`` is a
+    slab of a larger volume (default: ``order``)."""
     first = order[0]
     row_dir, col_dir = _unit(first.orientation[:3]), _unit(first.orientation[3:])
     normal = _normal(first.orientation)
-    axis, dz = _slice_axis(order, normal, cfg)
+    axis, dz = _slice_axis(geometry_frames or order, normal, cfg)
     geometry = Geometry(
         origin=first.position.astype(np.float64),
         axes=np.stack([axis, col_dir, row_dir]),
@@ -300,7 +340,9 @@ def _build_volume(
         provenance.append(f"gantry tilt {geometry.tilt_deg:.2f} deg")
     log.info("assembly.volume", series_uid=source.series_uid, label=label, shape=list(voxels.shape),
              spacing_mm=[round(s, 4) for s in geometry.spacing_zyx], tilt_deg=round(geometry.tilt_deg, 3))
-    return Volume(voxels, geometry, units, source, header=header, label=label, provenance=provenance)
+    return Volume(voxels, geometry, units, source, header=header, label=label, provenance=provenance,
+                  slice_headers=[headers[f.path] for f in order],
+                  slice_positions=np.stack([f.position for f in order]).astype(np.float64))
 
 
 def _load_voxels(order: list[Frame]) -> np.ndarray:

@@ -262,7 +262,10 @@ def _series_attributes(ds: Dataset, volume: Volume, pipeline: str, version: str,
         ds.FrameOfReferenceUID = _uid(uid_root, "appliance.frame-of-reference", src.series_uid)
 
 
-def _pixel_attributes(ds: Dataset, volume: Volume, rescale: tuple[float, float, bool]) -> None:
+def _pixel_attributes(ds: Dataset, volume: Volume, rescale: tuple[float, float, bool], per_slice: bool) -> None:
+    """Pixel description, rescale and plane geometry. ``per_slice``: ``ds`` was made from the
+    slice's own source header, whose plane (orientation, pixel spacing, thickness, spacing between
+    slices) is kept as the source wrote it, so that the instance depends on its slice alone."""
     slope, intercept, signed = rescale
     geom = volume.geometry
     _, rows, columns = volume.shape
@@ -278,6 +281,14 @@ def _pixel_attributes(ds: Dataset, volume: Volume, rescale: tuple[float, float, 
         ds.RescaleType = volume.units[:16]
     elif ds.SOPClassUID == CTImageStorage:
         ds.RescaleType = "US"  # Type 1C in the CT Image module when the values are not HU
+    if per_slice:
+        if "ImageOrientationPatient" not in ds:
+            ds.ImageOrientationPatient = [_ds(v) for v in geom.image_orientation]
+        if "PixelSpacing" not in ds:
+            ds.PixelSpacing = [_ds(geom.spacing_zyx[1]), _ds(geom.spacing_zyx[2])]
+        if "SliceThickness" not in ds:
+            ds.SliceThickness = None  # Type 2: present, empty when the source does not say
+        return
     ds.ImageOrientationPatient = [_ds(v) for v in geom.image_orientation]
     ds.PixelSpacing = [_ds(geom.spacing_zyx[1]), _ds(geom.spacing_zyx[2])]
     if not ds.get("SliceThickness"):
@@ -319,12 +330,19 @@ def derive_datasets(
     volume: Volume, pipeline: str, version: str, uid_root: str, series_number_offset: int = 1000
 ) -> list[Dataset]:
     """One Part-10-ready dataset (file_meta set, Explicit VR Little Endian) per slice, in volume
-    order (k = 0..n-1); slice k sits at ``volume.geometry.slice_position(k)`` (mm, LPS).
+    order (k = 0..n-1).
 
-    Slice k references source instance ``volume.source.sop_instance_uids[k]`` (and frame
-    ``frame_numbers[k]`` for a multi-frame source). A volume whose slices do not map one to one to
-    source instances (e.g. resampled) references the source series as a whole, and its instance UIDs
-    derive from the new series UID and the slice index.
+    A volume assembled from source slices (``volume.slice_headers`` set, one to one with
+    ``volume.source.sop_instance_uids``) gives instances that each depend on their own slice
+    only: the slice's source header, its position, its InstanceNumber and a rescale chosen for
+    its own voxels. So a slab of a series derives exactly the instances the whole series would:
+    streaming and batch processing send the same bytes. Slice k references source instance
+    ``sop_instance_uids[k]`` (and frame ``frame_numbers[k]`` for a multi-frame source).
+
+    Any other volume (resampled, reconstructed) takes its plane geometry from
+    ``volume.geometry`` (slice k at ``geometry.slice_position(k)``, mm, LPS), one rescale for the
+    whole volume, references the source series as a whole, and its instance UIDs derive from the
+    new series UID and the slice index.
     """
     voxels = np.asarray(volume.voxels)
     if voxels.ndim != 3:
@@ -332,19 +350,30 @@ def derive_datasets(
     n = voxels.shape[0]
     src = volume.source
     one_to_one = len(src.sop_instance_uids) == n and (not src.frame_numbers or len(src.frame_numbers) == n)
-    rescale = hu_rescale(voxels, volume.units)
+    per_slice = one_to_one and volume.slice_headers is not None and len(volume.slice_headers) == n
     sop_class = _SOP_CLASS_BY_MODALITY.get(src.modality, SecondaryCaptureImageStorage)
-    base = _base_dataset(volume, sop_class)
-    base.SOPClassUID = sop_class
-    _series_attributes(base, volume, pipeline, version, uid_root, series_number_offset)
-    _pixel_attributes(base, volume, rescale)
-    series_uid = str(base.SeriesInstanceUID)
+    bases: dict[int, Dataset] = {}
+
+    def base_for(header) -> Dataset:
+        key = id(header)
+        if key not in bases:
+            one = Volume(voxels[:0], volume.geometry, volume.units, src, header=header, label=volume.label)
+            base = _base_dataset(one, sop_class)
+            base.SOPClassUID = sop_class
+            _series_attributes(base, one, pipeline, version, uid_root, series_number_offset)
+            bases[key] = base
+        return bases[key]
+
+    whole_rescale = None if per_slice else hu_rescale(voxels, volume.units)
     geom = volume.geometry
     normal = geom.normal
     whole_series = None if one_to_one else _referenced_series(volume, src.sop_instance_uids)
     out = []
     for k in range(n):
-        ds = copy.deepcopy(base)
+        rescale = hu_rescale(voxels[k], volume.units) if per_slice else whole_rescale
+        ds = copy.deepcopy(base_for(volume.slice_headers[k] if per_slice else volume.header))
+        _pixel_attributes(ds, volume, rescale, per_slice)
+        series_uid = str(ds.SeriesInstanceUID)
         if one_to_one:
             frame = src.frame_numbers[k] if src.frame_numbers else ""
             sop_uid = _uid(uid_root, "appliance.derived-instance", src.sop_instance_uids[k], frame,
@@ -355,17 +384,29 @@ def derive_datasets(
             sop_uid = _uid(uid_root, "appliance.derived-instance", series_uid, "slice", k)
             ds.ReferencedSeriesSequence = copy.deepcopy(whole_series)
         ds.SOPInstanceUID = sop_uid
-        ds.InstanceNumber = k + 1
-        position = geom.slice_position(k)
+        number = _source_instance_number(ds) if per_slice and not src.frame_numbers else None
+        ds.InstanceNumber = number if number is not None else k + 1
+        position = (np.asarray(volume.slice_positions[k], dtype=np.float64)
+                    if per_slice and volume.slice_positions is not None else geom.slice_position(k))
         ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.SliceLocation = _ds(float(position @ normal))
+        if not per_slice or "SliceLocation" not in ds:
+            ds.SliceLocation = _ds(float(position @ normal))
         ds.PixelData = _stored(voxels[k], *rescale).tobytes()
         ds.file_meta = _file_meta(sop_class, sop_uid)
         out.append(ds)
-    log.info("derive.series", source_series_uid=src.series_uid, derived_series_uid=series_uid,
+    log.info("derive.series", source_series_uid=src.series_uid, derived_series_uid=str(out[0].SeriesInstanceUID) if out else None,
              label=volume.label, pipeline=pipeline, version=version, instances=n, sop_class=str(sop_class),
-             rescale_slope=rescale[0], rescale_intercept=rescale[1], referenced_per_slice=one_to_one)
+             rescale="per slice" if per_slice else list(whole_rescale[:2]), referenced_per_slice=one_to_one)
     return out
+
+
+def _source_instance_number(ds: Dataset) -> int | None:
+    """The source slice's InstanceNumber (kept in the per-slice base), if it has a usable one."""
+    try:
+        value = int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
 
 
 def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:

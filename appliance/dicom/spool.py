@@ -2,13 +2,14 @@
 
 Layout under the storage root::
 
-    incoming/            temp files being written (``*.part``); never acknowledged, cleared at start
+    incoming/            files being received or written; never acknowledged, cleared at start
     series/<series uid>/ <sop uid>.dcm, and <sop uid>.v<N>.dcm for later versions with other bytes
     quarantine/          refused instances with a ``.json`` reason beside each (when enabled)
     index.sqlite         the index (WAL, synchronous=FULL)
 
-A store is: copy to ``incoming/`` while hashing, fsync, rename into ``series/``, fsync the
-directory, then insert into the index and commit. A crash between rename and commit leaves a
+A store is: the received file (pynetdicom writes it into ``incoming/``) hashed and fsynced, renamed
+into ``series/``, the directory fsynced, then inserted into the index and committed; a file from
+elsewhere is first copied into ``incoming/`` while hashing. A crash between rename and commit leaves a
 file the index does not know; `Spool.open` indexes such files again (they were never
 acknowledged, so the sender re-sends and the duplicate check answers success).
 """
@@ -129,6 +130,17 @@ def _copy_hashing(src: Path, dst: Path) -> str:
     return digest.hexdigest()
 
 
+def _hash_and_fsync(path: Path) -> str:
+    """sha256 of a file written by someone else (the bytes are still in the page cache), and the
+    file fsynced, before it is renamed into place."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -161,8 +173,10 @@ class Spool(Store):
         return self
 
     def _clear_incoming(self) -> None:
-        for part in self.incoming.glob("*.part"):
-            part.unlink(missing_ok=True)
+        # Copies (*.part) and the receiver's chunked dataset files: neither was ever acknowledged.
+        for part in self.incoming.iterdir():
+            if part.is_file():
+                part.unlink(missing_ok=True)
 
     def _recover_orphans(self) -> None:
         """Index files renamed into place by a process that died before its commit; delete those
@@ -214,8 +228,14 @@ class Spool(Store):
         calling_ae: str | None = None,
         peer_address: str | None = None,
         now: float | None = None,
+        move: bool = False,
     ) -> StoreOutcome:
-        """Store a received file durably and index it; returns once both are on disk."""
+        """Store a received file durably and index it; returns once both are on disk.
+
+        ``move``: ``src`` is the receiver's own temporary file (pynetdicom's chunked dataset file,
+        written into ``incoming/``): it is hashed and fsynced where it lies and renamed into the
+        series folder, never copied. Otherwise (or when ``src`` is on another file system) it is
+        copied into ``incoming/`` while hashing."""
         size = os.path.getsize(src)
         if size > self.limits.max_bytes_per_instance:
             raise InstanceRefused(
@@ -224,9 +244,12 @@ class Spool(Store):
                 f"{size} bytes, the limit is {self.limits.max_bytes_per_instance}",
             )
         self._ensure_space(size)
-        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
         try:
-            sha = _copy_hashing(src, tmp)
+            if move and os.stat(src).st_dev == os.stat(self.incoming).st_dev:
+                tmp, sha = Path(src), _hash_and_fsync(src)
+            else:
+                tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+                sha = _copy_hashing(src, tmp)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"disk full while writing {size} bytes") from exc

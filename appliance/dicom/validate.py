@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -28,6 +28,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_FRAMES = 100_000  # frames per instance; more is refused before anything iterates over them
 _PIXEL_DATA = Tag("PixelData")
 _DEFER_BYTES = 64 * 1024
+_BULK = {Tag("FloatPixelData"), Tag("DoubleFloatPixelData")}
 
 
 class InstanceRefused(Exception):
@@ -51,6 +52,19 @@ class InstanceHeader:
     modality: str
     transfer_syntax_uid: str
     expected_count: int | None  # instances expected in the series, if the sender says
+    # The parsed header (every element read, pixel data and other deferred bulk values removed), so
+    # the assembler never reads the file's header a second time. Not part of equality.
+    dataset: Dataset | None = field(default=None, compare=False, repr=False)
+
+
+def _header_only(ds: Dataset) -> Dataset:
+    """``ds`` without the values still on disk (pixel data, other elements over the defer size):
+    what is kept must not read from the received file later (it is moved into the spool)."""
+    for tag in list(ds.keys()):
+        el = ds.get_item(tag, keep_deferred=True)
+        if tag == _PIXEL_DATA or Tag(tag) in _BULK or getattr(el, "value", b"") is None:
+            del ds[tag]
+    return ds
 
 
 def _check_lengths(ds: Dataset, file_size: int) -> None:
@@ -182,4 +196,5 @@ def read_header(
         modality=str(ds.get("Modality", "") or ""),
         transfer_syntax_uid=str(transfer_syntax),
         expected_count=_expected_count(ds, expected_count_tags),
+        dataset=_header_only(ds),
     )
