@@ -206,6 +206,14 @@ class DerivedConfig(_Section):
     series_number_offset: int = Field(1000, ge=0, description="derived SeriesNumber = source + offset")
 
 
+class StreamingConfig(_Section):
+    """Streaming by slab (`appliance.dicom.stream`): pipelines that can (passthrough, denoise) start
+    on a series while it arrives."""
+
+    enabled: bool = Field(True, description="off: every series is processed whole after completion")
+    slab_slices: int = Field(16, ge=1, description="ready slices that make a slab (the last slab takes the rest)")
+
+
 class PipelineConfig(_Section):
     on_failure: Literal["fail", "passthrough"] = Field(
         "fail", description="after the retry: report only, or also send the original volume as derived"
@@ -253,6 +261,7 @@ class ApplianceConfig(_Section):
     recon: ReconConfig = Field(default_factory=ReconConfig)
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     derived: DerivedConfig = Field(default_factory=DerivedConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)

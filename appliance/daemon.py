@@ -1,7 +1,11 @@
 """The daemon: wires the data path, one way, each hand-over a plain call or durable state.
 
-    SCP -> spool -> completion -> assembler -> routing -> job queue -> worker (stages, derive)
-        -> outbox -> exporter (C-STORE) -> release of the received instances
+    SCP -> spool -> assembler (streams slabs as instances arrive; completion closes the series)
+        -> routing -> job -> worker (stages, derive, slab by slab) -> outbox -> exporter (C-STORE)
+        -> release of the received instances
+
+A series whose pipeline streams goes through slab by slab while it arrives (`dicom.stream`); any
+other series, and any series that leaves the streaming path, is one slab = the whole series.
 
 Every hand-over is recorded in SQLite (spool index, jobs, outbox), so a restart resumes where the
 previous process stopped. Events go to ZeroMQ as they happen; they are notifications, the SQLite
@@ -12,21 +16,26 @@ from __future__ import annotations
 
 import queue
 import signal
+
+import pydicom
 import threading
 import time
 from datetime import datetime, timezone
 
 from appliance import __version__
 from appliance.config import ApplianceConfig
-from appliance.dicom.assemble import Assembly, Rejection, assemble_series
+from appliance.dicom.assemble import Assembly, Rejection, assemble_series, plan_series
 from appliance.dicom.completion import CompletionWatcher
 from appliance.dicom.export import Entry, Exporter, Outbox
 from appliance.dicom.scp import StorageSCP
-from appliance.dicom.spool import ASSEMBLED, REJECTED, SeriesRow, Spool, StoreOutcome
-from appliance.events import ExportDone, Health, JobFailed, JobQueued, Publisher, SeriesReceived, SeriesRejected
+from appliance.dicom.spool import ASSEMBLED, COMPLETE, RECEIVING, REJECTED, SeriesRow, Spool, StoreOutcome
+from appliance.dicom.stream import SeriesStream, add_instance, final_slabs, ready_slabs
+from appliance.dicom.validate import InstanceHeader
+from appliance.events import (ExportDone, Health, JobFailed, JobQueued, Publisher, SeriesReceived, SeriesRejected,
+                              StreamFallback)
 from appliance.logging import get_logger
 from appliance.pipeline import stages
-from appliance.pipeline.jobs import DONE, EXPORTING, QUEUED, RUNNING, Job, JobQueue
+from appliance.pipeline.jobs import DONE, EXPORTING, QUEUED, RUNNING, STREAMING, Job, JobQueue
 from appliance.pipeline.routing import route
 from appliance.pipeline.worker import Worker, input_label
 from appliance.volume import Volume
@@ -53,46 +62,163 @@ class Daemon:
         self.jobs = JobQueue(root / "jobs.sqlite")
         self.outbox = Outbox(root)
         self.publisher = Publisher(cfg.events, appliance=cfg.node.ae_title)
-        self.scp = StorageSCP(cfg, self.spool, on_stored=self._on_stored)
+        self.scp = StorageSCP(cfg, self.spool, on_stored=self._on_stored, on_released=self._on_released)
         self.watcher = CompletionWatcher(self.spool, cfg.completion, on_complete=self._on_complete)
         self.worker = Worker(cfg, self.spool, self.jobs, self.outbox, self.publisher, self.pipelines,
                              on_exporting=self._on_exporting)
         self.exporter = Exporter(self.outbox, cfg.destinations, cfg.export, cfg.node.ae_title,
                                  on_sent=self._on_export_sent, on_gave_up=self._on_export_gave_up)
-        self._assembly_queue: queue.Queue[SeriesRow | None] = queue.Queue()
+        self._assembly_queue: queue.Queue[tuple | None] = queue.Queue()
+        self.streams: dict[str, SeriesStream] = {}  # series uid -> its stream (assembler thread only)
         self._assembler: threading.Thread | None = None
         self._health: threading.Thread | None = None
         self._watchdog = sdnotify.Watchdog(self.healthy)
         self._started_at = time.monotonic()
         self._stopped = threading.Event()
 
-    # ---- receive -> assemble -> queue ------------------------------------------------------
-    def _on_stored(self, outcome: StoreOutcome, series_uid: str) -> None:
+    # ---- receive -> stream / assemble -> queue ---------------------------------------------
+    def _on_stored(self, outcome: StoreOutcome, header: InstanceHeader) -> None:
+        self._assembly_queue.put(("instance", outcome, header))
         self.watcher.notify()
 
+    def _on_released(self, series_uids: list[str]) -> None:
+        self.watcher.released(series_uids)
+
     def _on_complete(self, row: SeriesRow) -> None:
+        why = self.watcher.why.pop(row.series_uid, None) or (
+            "expected_count" if row.expected_count and row.instance_count >= row.expected_count else "resumed")
         self.publisher.publish(SeriesReceived(
             study_uid=row.study_uid, series_uid=row.series_uid, instances=row.instance_count,
             calling_ae=row.calling_ae, modality=row.modality, received_first=_utc(row.first_received),
-            received_last=_utc(row.last_received), completed_at=_utc(None),
-            why="expected_count" if row.expected_count and row.instance_count >= row.expected_count else "idle",
+            received_last=_utc(row.last_received), completed_at=_utc(None), why=why,
         ))
-        self._assembly_queue.put(row)
+        self._assembly_queue.put(("complete", row))
 
     def _assemble_loop(self) -> None:
         while True:
-            row = self._assembly_queue.get()
-            if row is None:
+            item = self._assembly_queue.get()
+            if item is None:
                 return
             try:
-                self.assemble(row)
+                if item[0] == "instance":
+                    self._stream_instance(item[1], item[2])
+                else:
+                    self.assemble(item[1])
             except Exception:
-                log.exception("assembly.failed", series_uid=row.series_uid)
+                log.exception("assembly.failed", series_uid=getattr(item[-1], "series_uid", None))
 
-    def assemble(self, row: SeriesRow) -> Assembly:
+    # ---- streaming ---------------------------------------------------------------------------
+    def _new_stream(self, row: SeriesRow, header: InstanceHeader) -> SeriesStream:
+        stream = SeriesStream(row.series_uid, row.generation, row.calling_ae, context=1)
+        rule = route(self.cfg.routes, row.calling_ae, header.dataset, "images") if header.dataset else None
+        pipeline = self.pipelines.get(rule.pipeline) if rule is not None else None
+        if not self.cfg.streaming.enabled or pipeline is None or not pipeline.streams or not rule.destinations:
+            stream.fallback, stream.fallback_detail = "batch_pipeline", "the route's pipeline needs the whole series"
+        else:
+            stream.context_model = pipeline.context_slices
+            stream.context = max(1, pipeline.context_slices)
+            stream.rule = rule
+            existing = [j for j in self.jobs.for_series(row.series_uid, row.generation) if j.label == ""]
+            if existing:  # a job from before a restart: the batch way finishes it
+                stream.fallback, stream.fallback_detail = "resumed", "streaming began before a restart"
+        return stream
+
+    def _stream_instance(self, outcome: StoreOutcome, header: InstanceHeader) -> None:
+        row = self.spool.series(header.series_uid)
+        if row is None or row.state != RECEIVING:
+            return  # completed (or released) meanwhile: the completion path has it
+        stream = self.streams.get(row.series_uid)
+        if stream is None or stream.generation != row.generation:
+            stream = self.streams[row.series_uid] = self._new_stream(row, header)
+        was_streaming = stream.streaming
+        if header.dataset is not None:
+            add_instance(stream, header.dataset, outcome.path, outcome.kind, self.cfg.assembly)
+        else:
+            stream.fallback = stream.fallback or "no_header"
+        if stream.job_id is not None and stream.job_id in self.worker.failed_streams:
+            stream.fallback = stream.fallback or "slab_failed"
+        if was_streaming and not stream.streaming:
+            self._publish_fallback(row, stream)
+            return
+        for slab in ready_slabs(stream, self.cfg.assembly, self.cfg.streaming.slab_slices):
+            self._submit_slab(row, stream, slab, final=False)
+
+    def _publish_fallback(self, row: SeriesRow, stream: SeriesStream) -> None:
+        if stream.job_id is None and stream.fallback in ("batch_pipeline",):
+            return
+        self.publisher.publish(StreamFallback(
+            study_uid=row.study_uid, series_uid=row.series_uid, job_id=stream.job_id, reason=stream.fallback,
+            detail=stream.fallback_detail, streamed_slices=len(stream.emitted)))
+
+    def _submit_slab(self, row: SeriesRow, stream: SeriesStream, slab, final: bool) -> None:
+        if stream.job_id is None:
+            rule = stream.rule
+            job, new = self.jobs.enqueue(
+                series_uid=row.series_uid, generation=row.generation, label="", study_uid=row.study_uid,
+                calling_ae=row.calling_ae, pipeline=rule.pipeline, destinations=rule.destinations,
+                received_first=row.first_received, received_last=None, completed_at=None, state=STREAMING,
+            )
+            self.jobs.streaming(job.id, started_at=time.time())
+            stream.job_id = job.id
+            stream.job = self.jobs.get(job.id)
+            self.publisher.publish(JobQueued(
+                study_uid=row.study_uid, series_uid=row.series_uid, job_id=job.id, pipeline=job.pipeline,
+                label="", shape=list(slab.volume.shape), queued_at=_utc(job.queued_at),
+            ))
+        self.worker.submit_slab(stream.job, slab, stream.slabs - 1, final)
+
+    def _finish_stream(self, row: SeriesRow, stream: SeriesStream, paths) -> bool:
+        """At completion of a series that streamed: its last slab, if the whole series is what the
+        streamer saw. False: it falls back to batch."""
+        if stream.job_id in self.worker.failed_streams:
+            stream.fallback = stream.fallback or "slab_failed"
+        for path in paths:  # instances whose hand-over the completion overtook
+            if stream.streaming and path not in stream.headers:
+                try:
+                    add_instance(stream, pydicom.dcmread(path, stop_before_pixels=True), path, "stored",
+                                 self.cfg.assembly)
+                except Exception as exc:
+                    stream.fallback, stream.fallback_detail = "unreadable", f"{type(exc).__name__}: {exc}"
+        if stream.streaming:
+            plan = plan_series(paths, self.cfg.assembly, stream.headers)
+            whole = plan.planned[0] if len(plan.planned) == 1 else None
+            rule = route(self.cfg.routes, row.calling_ae, whole.order and plan.headers[whole.order[0].path],
+                         "images") if whole else None
+            if plan.rejections or plan.projection_paths or whole is None or whole.label:
+                reasons = sorted({r.reason for r in plan.rejections}) or ["split"]
+                stream.fallback, stream.fallback_detail = ",".join(reasons), "judged on the whole series"
+            elif {f.sop_instance_uid for f in whole.order} != set(stream.frames):
+                stream.fallback, stream.fallback_detail = "instances_changed", "the series is not what streamed"
+            elif rule is None or rule.pipeline != stream.rule.pipeline or rule.destinations != stream.rule.destinations:
+                stream.fallback, stream.fallback_detail = "route_changed", "the series' first slice routes elsewhere"
+            else:
+                slabs = final_slabs(stream, whole.order, self.cfg.assembly)
+                if stream.streaming:
+                    self.jobs._set(stream.job_id, received_last=row.last_received,
+                                   completed_at=self.spool.series(row.series_uid).completed_at)
+                    stream.job = self.jobs.get(stream.job_id)
+                    for i, slab in enumerate(slabs):
+                        self._submit_slab(row, stream, slab, final=i == len(slabs) - 1)
+                    if not slabs:  # every slice went already (cannot happen with context >= 1)
+                        self.jobs.requeue(stream.job_id, "stream_fallback", "nothing left for the last slab")
+                        self.worker.notify()
+                    self.spool.set_series_state(row.series_uid, ASSEMBLED, None, row.generation)
+                    log.info("series.streamed", series_uid=row.series_uid, slabs=stream.slabs,
+                             instances=len(stream.frames), job_id=stream.job_id)
+                    return True
+        self._publish_fallback(row, stream)
+        return False
+
+    def assemble(self, row: SeriesRow) -> Assembly | None:
+        stream = self.streams.pop(row.series_uid, None)
+        if stream is not None and stream.generation != row.generation:
+            stream = None
+        paths = self.spool.instance_paths(row.series_uid)
+        if stream is not None and stream.job_id is not None and self._finish_stream(row, stream, paths):
+            return None
         t0 = time.perf_counter()
         try:
-            result = assemble_series(self.spool.instance_paths(row.series_uid), self.cfg.assembly)
+            result = assemble_series(paths, self.cfg.assembly, stream.headers if stream is not None else None)
         except Exception as exc:  # a bug or an input nobody foresaw: reject with a reason, never stick
             log.exception("assembly.crashed", series_uid=row.series_uid)
             result = Assembly(rejections=[Rejection("internal_error", f"{type(exc).__name__}: {exc}", "", 0)])
@@ -100,10 +226,16 @@ class Daemon:
         if result.rejected:
             reasons = sorted({r.reason for r in result.rejections})
             self.spool.set_series_state(row.series_uid, REJECTED, ",".join(reasons), row.generation)
+            streamed = len(stream.emitted) if stream is not None else 0
             log.warning("series.rejected", series_uid=row.series_uid, reasons=reasons,
-                        details=[r.detail for r in result.rejections][:5], assemble_s=round(assemble_s, 3))
+                        details=[r.detail for r in result.rejections][:5], assemble_s=round(assemble_s, 3),
+                        streamed_instances=streamed)
+            for job in self.jobs.for_series(row.series_uid, row.generation):
+                if job.state == STREAMING:
+                    self.jobs.failed(job.id, "rejected", ",".join(reasons))
             self.publisher.publish(SeriesRejected(study_uid=row.study_uid, series_uid=row.series_uid,
-                                                  reasons=reasons, details=[r.detail for r in result.rejections]))
+                                                  reasons=reasons, details=[r.detail for r in result.rejections],
+                                                  streamed_instances=streamed))
             return result
         created = self._enqueue(row, result, assemble_s)
         partial = ",".join(sorted({r.reason for r in result.rejections})) or None
@@ -138,7 +270,12 @@ class Daemon:
                 destinations=rule.destinations, received_first=row.first_received,
                 received_last=row.last_received, completed_at=completed_at,
             )
-            if not new:
+            if not new and job.state == STREAMING:
+                # Its streaming ended (fallback, failed slab or restart): the whole volume goes now,
+                # and only instances whose bytes differ from what was streamed are sent again.
+                self.jobs.requeue(job.id, "stream_fallback", "processed whole after streaming")
+                job = self.jobs.get(job.id)
+            elif not new:
                 continue
             created.append(job)
             self.publisher.publish(JobQueued(
@@ -150,8 +287,10 @@ class Daemon:
         return created
 
     # ---- export -> release -----------------------------------------------------------------
-    def _on_exporting(self, job: Job) -> None:
-        if not job.destinations:
+    def _on_exporting(self, job: Job | None) -> None:
+        """From the worker: a slab's instances are in the outbox (``job`` None), or the job's last
+        slab is and the job is exporting."""
+        if job is not None and not job.destinations:
             self.jobs.done(job.id)
             log.info("job.done", job_id=job.id, note="no destinations: nothing to send, sources kept")
             return
@@ -225,6 +364,12 @@ class Daemon:
                 detail=f"the appliance stopped while processing this job {job.attempts} time(s)",
                 pipeline=job.pipeline,
             ))
+        for job in self.jobs.in_state(STREAMING):
+            # Streaming was cut off by the stop. A series still arriving or complete goes the batch
+            # way at its completion (`_enqueue`); one already handed on is processed whole now.
+            series = self.spool.series(job.series_uid)
+            if series is None or series.generation != job.generation or series.state not in (RECEIVING, COMPLETE):
+                self.jobs.requeue(job.id, "resumed", "streaming was cut off by a stop; processed whole")
         self._assembler = threading.Thread(target=self._assemble_loop, name="assembler", daemon=True)
         self._assembler.start()
         self.worker.start()

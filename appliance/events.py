@@ -53,8 +53,8 @@ from appliance.logging import get_logger
 log = get_logger(__name__)
 
 SCHEMA_VERSION: int = 1
-TOPICS = ("series.received", "series.rejected", "job.queued", "job.started", "stage.done", "job.done",
-          "export.done", "job.failed", "health")
+TOPICS = ("series.received", "series.rejected", "stream.fallback", "job.queued", "job.started", "stage.done",
+          "job.done", "export.done", "job.failed", "health")
 
 
 class EventDecodeError(ValueError):
@@ -119,13 +119,23 @@ class SeriesReceived(_EventBase):
     received_first: UtcDatetime
     received_last: UtcDatetime
     completed_at: UtcDatetime
-    why: str = Field(description='"idle" or "expected_count"')
+    why: str = Field(description='the completion rule that fired: "expected_count", "released" (the sending '
+                     'association was released, plus the grace), "idle", or "resumed" (after a restart)')
 
 
 class SeriesRejected(_EventBase):
     topic: Literal["series.rejected"] = "series.rejected"
     reasons: list[str]
     details: list[str]
+    streamed_instances: int = Field(0, description="derived instances already streamed out before the "
+                                    "whole series could be judged (they stay at the destination)")
+
+
+class StreamFallback(_EventBase):
+    topic: Literal["stream.fallback"] = "stream.fallback"
+    reason: str = Field(description="why the series left the streaming path, e.g. missing_slice, echo_or_phase")
+    detail: str
+    streamed_slices: int = Field(description="slices that had already been processed as slabs")
 
 
 class JobQueued(_EventBase):
@@ -150,6 +160,8 @@ class StageDone(_EventBase):
     stage: str
     seconds: float
     attempt: int
+    slab: int | None = Field(None, description="0-based slab of a streamed series; None for a whole volume")
+    slices: int | None = Field(None, description="slices in the slab (context not counted)")
 
 
 class JobDone(_EventBase):
@@ -190,7 +202,7 @@ class Health(_EventBase):
 
 
 Event = Annotated[
-    Union[SeriesReceived, SeriesRejected, JobQueued, JobStarted, StageDone, JobDone, ExportDone, JobFailed, Health],
+    Union[SeriesReceived, SeriesRejected, StreamFallback, JobQueued, JobStarted, StageDone, JobDone, ExportDone, JobFailed, Health],
     Field(discriminator="topic"),
 ]
 _EVENT = TypeAdapter(Event)

@@ -60,6 +60,6 @@ def process_folder(input_dir: Path, output_dir: Path, pipeline_name: str, cfg: A
             datasets = derive_datasets(result, pipeline.name, pipeline.version, cfg.dicom.uid_root,
                                        cfg.derived.series_number_offset)
             uid = str(datasets[0].SeriesInstanceUID)
-            report.written[uid] = write_derived(datasets, Path(output_dir) / uid)
+            report.written[uid] = write_derived(datasets, Path(output_dir) / uid)[0]
             report.timings[uid] = seconds
     return report

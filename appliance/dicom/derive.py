@@ -32,6 +32,7 @@ vendors do) because float MR results cannot be stored without them.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 from pathlib import Path
@@ -419,24 +420,47 @@ def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     return meta
 
 
-def write_derived(datasets: list[Dataset], out_dir: Path) -> list[Path]:
-    """Write each dataset as ``<SOPInstanceUID>.dcm`` under ``out_dir``; returns the paths in slice
-    order. Each file is written under a temporary name, fsynced and renamed into place, then the
-    directory is fsynced: once this returns the files are durable and none is ever seen half-written."""
+def write_derived(datasets: list[Dataset], out_dir: Path) -> tuple[list[Path], set[str]]:
+    """Write each dataset as ``<SOPInstanceUID>.dcm`` under ``out_dir`` (encoded once, in memory);
+    returns the paths in slice order and the UIDs whose file already existed with other bytes
+    (what a destination that has the old file must get again).
+
+    Durability (one slab or series at a time): every file is written under a temporary name, then
+    each is fsynced and renamed into place, then the directory is fsynced once: when this returns
+    the files are durable and none is ever seen half-written. A file that exists with the same
+    bytes is left alone (a re-run after a crash writes nothing twice)."""
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     if created:
         fsync_dir(out_dir.parent)
-    paths = []
+    paths, changed, pending = [], set(), []
     for ds in datasets:
         path = out_dir / f"{ds.SOPInstanceUID}.dcm"
-        tmp = out_dir / f".{path.name}.tmp"
-        with open(tmp, "wb") as fh:
-            pydicom.dcmwrite(fh, ds, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        data = buf.getbuffer()
         paths.append(path)
-    fsync_dir(out_dir)
-    return paths
+        if path.exists():
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                continue
+            changed.add(str(ds.SOPInstanceUID))
+        tmp = out_dir / f".{path.name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+        except BaseException:
+            os.close(fd)
+            raise
+        pending.append((fd, tmp, path))
+    try:
+        for fd, _, _ in pending:
+            os.fsync(fd)
+    finally:
+        for fd, _, _ in pending:
+            os.close(fd)
+    for _, tmp, path in pending:
+        os.replace(tmp, path)
+    if pending:
+        fsync_dir(out_dir)
+    return paths, changed

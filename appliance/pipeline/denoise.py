@@ -46,4 +46,7 @@ class Denoise:
 def denoise_pipeline(cfg) -> Pipeline:
     """Loads the model (and builds or deserialises its engine): build it once, at start."""
     stage = Denoise(cfg.denoise if cfg is not None else DenoiseConfig())
-    return Pipeline("denoise", f"{__version__}+{stage.card.name}-{stage.card.version}", [stage])
+    # Streams: each slice is denoised with the card's context slices around it (ends repeated),
+    # batch by batch, so a slab gives what the whole volume gives (`engines.tiling.denoise_volume`).
+    return Pipeline("denoise", f"{__version__}+{stage.card.name}-{stage.card.version}", [stage],
+                    streams=True, context_slices=stage.card.input.context_slices)

@@ -1,6 +1,8 @@
 """The job queue: one row per volume to process, in SQLite, so jobs survive crashes and restarts.
 
-States: queued -> running -> exporting -> done, or -> failed. A job is unique per
+States: queued -> running -> exporting -> done, or -> failed; a streamed series' job is
+``streaming`` from its first slab until its last (then exporting), and goes ``queued`` when the
+series falls back to batch. A job is unique per
 (series, generation, volume label): assembling the same series again after a restart enqueues
 nothing new. Jobs found ``running`` at start were cut off by a crash and go back to ``queued``.
 """
@@ -42,6 +44,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 """
 
 QUEUED, RUNNING, EXPORTING, DONE, FAILED = "queued", "running", "exporting", "done", "failed"
+STREAMING = "streaming"
 
 
 @dataclass(frozen=True)
@@ -121,14 +124,16 @@ class JobQueue(Store):
         received_first: float | None,
         received_last: float | None,
         completed_at: float | None,
+        state: str = QUEUED,
     ) -> tuple[Job, bool]:
-        """Queue a job; returns (job, created). Enqueueing the same volume again returns the existing job."""
+        """Queue a job (or start a streamed one: ``state`` STREAMING); returns (job, created).
+        Enqueueing the same volume again returns the existing job."""
         with self._lock:
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO jobs (series_uid, generation, label, study_uid, calling_ae, pipeline,"
                 " destinations, state, received_first, received_last, completed_at, queued_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (series_uid, generation, label, study_uid, calling_ae, pipeline, json.dumps(destinations), QUEUED,
+                (series_uid, generation, label, study_uid, calling_ae, pipeline, json.dumps(destinations), state,
                  received_first, received_last, completed_at, time.time()),
             )
             job = self._one("series_uid = ? AND generation = ? AND label = ?", (series_uid, generation, label))
@@ -159,6 +164,17 @@ class JobQueue(Store):
 
     def requeue(self, job_id: int, reason: str, detail: str) -> None:
         self._set(job_id, state=QUEUED, reason=reason, detail=detail)
+
+    def streaming(self, job_id: int, started_at: float | None = None) -> None:
+        fields: dict = {"state": STREAMING}
+        if started_at is not None:
+            fields["started_at"] = started_at
+        self._set(job_id, **fields)
+
+    def in_state(self, state: str) -> list[Job]:
+        with self._lock:
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY id", (state,)).fetchall()
+        return [_job(r) for r in rows]
 
     def exporting(self, job_id: int, derived_series_uid: str, timings: dict[str, float]) -> None:
         self._set(job_id, state=EXPORTING, derived_series_uid=derived_series_uid, timings=timings)

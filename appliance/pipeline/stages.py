@@ -34,9 +34,15 @@ class StageError(Exception):
 
 @dataclass(frozen=True)
 class Pipeline:
+    """``streams``: the pipeline can take a series slab by slab (each output slice depends only on
+    its input slice and ``context_slices`` neighbours on each side, the ends repeated), and gives
+    the same slices for a slab as for the whole volume. Otherwise it needs the whole series."""
+
     name: str
     version: str
     stages: list[Stage] = field(default_factory=list)
+    streams: bool = False
+    context_slices: int = 0
 
     def run(self, volume: Volume, on_stage_done: Callable[[str, float], None] | None = None) -> tuple[Volume, dict[str, float]]:
         """Run every stage in order; returns the result and seconds per stage."""
@@ -81,7 +87,7 @@ def _denoise(cfg) -> Pipeline:
 # A factory takes the appliance configuration (or None for defaults) and returns the pipeline.
 PipelineFactory = Callable[[object], Pipeline]
 _REGISTRY: dict[str, PipelineFactory] = {
-    "passthrough": lambda cfg: Pipeline("passthrough", __version__, [Passthrough()]),
+    "passthrough": lambda cfg: Pipeline("passthrough", __version__, [Passthrough()], streams=True),
     "recon": _recon,
     "denoise": _denoise,
 }

@@ -1,6 +1,10 @@
-"""The pipeline worker: takes queued jobs one at a time (the GPU is one resource), runs the
-pipeline's stages on the volume, writes the derived series into the outbox and records it for
-every destination.
+"""The pipeline worker: one thread (the GPU is one resource) that runs pipelines on slabs. A slab
+is a run of consecutive slices with its context slices: a streamed series arrives as several
+(`submit_slab`, from the assembler, in order), a batch job as one slab that is the whole volume
+(from the SQLite job queue). Each slab goes the same way: the pipeline's stages, its context
+cropped off, derived instances encoded and written once, recorded in the outbox for every
+destination (the exporter sends them at once); the last slab seals the outbox entries and moves
+the job to exporting.
 
 Failure policy: a job whose pipeline fails is tried again up to ``pipeline.max_attempts``; after
 that it fails, or with ``on_failure = "passthrough"`` the original volume is sent as a
@@ -9,20 +13,23 @@ passthrough derived series. Every failure is published as ``job.failed`` with it
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from appliance.background import BackgroundLoop
 from appliance.config import ApplianceConfig
 from appliance.dicom.assemble import assemble_series
 from appliance.dicom.derive import derive_datasets, write_derived
 from appliance.dicom.export import Outbox
-from appliance.dicom.spool import Spool
+from appliance.dicom.spool import RECEIVING, Spool
+from appliance.dicom.stream import Slab, crop
 from appliance.events import JobDone, JobFailed, JobStarted, Publisher, StageDone
 from appliance.logging import get_logger
 from appliance.pipeline import stages
-from appliance.pipeline.jobs import RUNNING, Job, JobQueue
+from appliance.pipeline.jobs import RUNNING, STREAMING, Job, JobQueue
 from appliance.volume import Volume
 
 log = get_logger(__name__)
@@ -37,6 +44,14 @@ def _utc(ts: float):
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass
+class SlabTask:
+    job: Job
+    slab: Slab
+    index: int
+    final: bool
 
 
 class Worker(BackgroundLoop):
@@ -62,12 +77,21 @@ class Worker(BackgroundLoop):
         self.on_exporting = on_exporting
         self._volumes: dict[int, Volume] = {}  # fresh volumes handed over by the assembler
         self._volumes_lock = threading.Lock()
+        self._slabs: collections.deque[SlabTask] = collections.deque()  # streamed slabs, in order
+        self._job_stages: dict[int, dict[str, float]] = {}  # stage seconds summed over a job's slabs
+        self._job_started: set[int] = set()
+        self.failed_streams: set[int] = set()  # jobs whose slab failed: the assembler falls back to batch
 
     # ---- hand-over -------------------------------------------------------------------------
     def submit(self, job: Job, volume: Volume) -> None:
         """Keep the assembled volume for ``job`` (saves assembling it again) and wake up."""
         with self._volumes_lock:
             self._volumes[job.id] = volume
+        self.notify()
+
+    def submit_slab(self, job: Job, slab: Slab, index: int, final: bool) -> None:
+        """A slab of a streamed series (from the assembler thread, in slab order)."""
+        self._slabs.append(SlabTask(job, slab, index, final))
         self.notify()
 
     def _pipeline(self, name: str) -> stages.Pipeline:
@@ -107,51 +131,103 @@ class Worker(BackgroundLoop):
         self.on_exporting(self.jobs.get(job.id))
         return True
 
-    def process(self, job: Job) -> None:
-        if self._already_exported(job):
-            return
+    def _publish_started(self, job: Job) -> None:
         self.publisher.publish(JobStarted(
             study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
-            label=job.label, attempt=job.attempts, started_at=_utc(job.started_at or time.time()),
+            label=job.label, attempt=max(1, job.attempts), started_at=_utc(job.started_at or time.time()),
         ))
         log.info("job.started", job_id=job.id, pipeline=job.pipeline, series_uid=job.series_uid, attempt=job.attempts)
+
+    def process(self, job: Job) -> None:
+        """A job from the queue: the whole volume as one slab."""
+        if self._already_exported(job):
+            return
+        series = self.spool.series(job.series_uid)
+        if series is not None and series.state == RECEIVING and series.generation == job.generation:
+            # A streamed job cut off by a restart while its series still arrives: completion decides.
+            self.jobs.streaming(job.id)
+            log.info("job.waits_for_series", job_id=job.id, series_uid=job.series_uid)
+            return
+        self._publish_started(job)
         try:
             volume = self._volume_for(job)
-            pipeline = self._pipeline(job.pipeline)
-            result, stage_seconds = pipeline.run(volume, on_stage_done=lambda name, s: self.publisher.publish(StageDone(
-                study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
-                stage=name, seconds=s, attempt=job.attempts,
-            )))
-            self._deliver(job, result, pipeline, stage_seconds)
+            self.run_slab(job, volume, None, final=True)
         except Exception as exc:  # stages, derive and the outbox alike go through the failure policy
             self._failed(job, exc)
 
-    def _deliver(self, job: Job, result: Volume, pipeline: stages.Pipeline, stage_seconds: dict[str, float]) -> None:
+    def _process_slab(self, task: SlabTask) -> None:
+        job = task.job
+        if task.index == 0:
+            self._publish_started(job)
+        if job.id in self.failed_streams:
+            return  # an earlier slab failed: the series goes the batch way at completion
+        try:
+            self.run_slab(job, task.slab.volume, task.slab.crop, task.final, task.index)
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, stages.StageError) else "pipeline_error"
+            detail = exc.detail if isinstance(exc, stages.StageError) else f"{type(exc).__name__}: {exc}"
+            log.error("slab.failed", job_id=job.id, slab=task.index, reason=reason, detail=detail)
+            self.publisher.publish(JobFailed(
+                study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, reason=reason,
+                detail=f"slab {task.index}: {detail}; the series will be processed whole", pipeline=job.pipeline,
+                stage=getattr(exc, "stage", None), will_retry=True,
+            ))
+            self.failed_streams.add(job.id)
+            if task.final:  # no later completion will come: go the batch way now
+                self.jobs.requeue(job.id, reason, detail)
+                self.notify()
+
+    def run_slab(self, job: Job, volume: Volume, crop_to: tuple[int, int] | None, final: bool,
+                 index: int | None = None) -> None:
+        """Pipeline, crop, derive, write, outbox for one slab (``crop_to`` None: the whole volume)."""
+        pipeline = self._pipeline(job.pipeline)
+        attempt = max(1, job.attempts)
+        result, stage_seconds = pipeline.run(volume, on_stage_done=lambda name, s: self.publisher.publish(StageDone(
+            study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
+            stage=name, seconds=s, attempt=attempt, slab=index,
+            slices=(crop_to[1] - crop_to[0]) if crop_to else volume.shape[0],
+        )))
+        if crop_to is not None:
+            result = crop(result, *crop_to)
+        totals = self._job_stages.setdefault(job.id, {})
+        for name, secs in stage_seconds.items():
+            totals[name] = totals.get(name, 0.0) + secs
+        self._deliver(job, result, pipeline, final)
+
+    def _deliver(self, job: Job, result: Volume, pipeline: stages.Pipeline, final: bool = True) -> None:
         t0 = time.perf_counter()
         datasets = derive_datasets(result, pipeline.name, pipeline.version, self.cfg.dicom.uid_root,
                                    self.cfg.derived.series_number_offset)
         derived_uid = str(datasets[0].SeriesInstanceUID)
-        paths = write_derived(datasets, self.outbox.folder_for(job.id, derived_uid))
-        derive_s = time.perf_counter() - t0
+        paths, changed = write_derived(datasets, self.outbox.folder_for(job.id, derived_uid))
+        totals = self._job_stages.setdefault(job.id, {})
+        totals["derive"] = totals.get("derive", 0.0) + time.perf_counter() - t0
         files = [(str(ds.SOPInstanceUID), p) for ds, p in zip(datasets, paths)]
         current = self.jobs.get(job.id)
-        if current is not None and current.state != RUNNING:
+        if current is not None and current.state not in (RUNNING, STREAMING):
             # Superseded while it ran (new instances arrived): its result must not be sent.
             log.info("job.result_dropped", job_id=job.id, state=current.state, reason=current.reason)
+            self._job_stages.pop(job.id, None)
             return
-        self.outbox.add(job.id, list(job.destinations), derived_uid, files)
-        timings = {f"stage:{k}": v for k, v in stage_seconds.items()}
-        timings["derive"] = derive_s
-        if job.started_at is not None:
-            timings["queue_wait"] = max(0.0, job.started_at - job.queued_at)
-            timings["process"] = time.time() - job.started_at
+        self.outbox.add(job.id, list(job.destinations), derived_uid, files, sealed=final, changed=changed)
+        if not final:
+            log.debug("slab.delivered", job_id=job.id, instances=len(files))
+            self.on_exporting(None)  # wake the exporter: these instances can go now
+            return
+        stage_totals = self._job_stages.pop(job.id, {})
+        timings = {f"stage:{k}": v for k, v in stage_totals.items() if k != "derive"}
+        timings["derive"] = stage_totals.get("derive", 0.0)
+        if current is not None and current.started_at is not None:
+            timings["queue_wait"] = max(0.0, current.started_at - current.queued_at)
+            timings["process"] = time.time() - current.started_at
         self.jobs.exporting(job.id, derived_uid, timings)
+        instances = self.outbox.instance_count(self.outbox.for_job(job.id)[0].id) if job.destinations else len(files)
         log.info("job.processed", job_id=job.id, pipeline=pipeline.name, derived_series_uid=derived_uid,
-                 instances=len(files), destinations=list(job.destinations),
+                 instances=instances, destinations=list(job.destinations),
                  timings={k: round(v, 3) for k, v in timings.items()})
         self.publisher.publish(
             JobDone(study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=pipeline.name,
-                    label=job.label, derived_series_uid=derived_uid, instances=len(files), timings=timings),
+                    label=job.label, derived_series_uid=derived_uid, instances=instances, timings=timings),
             buffer=result.voxels if self.cfg.events.include_results else None,
         )
         self.on_exporting(self.jobs.get(job.id))
@@ -174,9 +250,9 @@ class Worker(BackgroundLoop):
             try:
                 volume = self._volume_for(job)
                 fallback = self._pipeline("passthrough")
-                result, seconds = fallback.run(volume)
+                result, _ = fallback.run(volume)
                 result.provenance.append(f"{job.pipeline} failed ({reason}); sent unprocessed")
-                self._deliver(job, result, fallback, seconds)
+                self._deliver(job, result, fallback)
                 return
             except Exception as exc2:
                 detail = f"{detail}; passthrough also failed: {type(exc2).__name__}: {exc2}"
@@ -184,8 +260,15 @@ class Worker(BackgroundLoop):
 
     # ---- thread ----------------------------------------------------------------------------
     def tick(self) -> bool:
-        """Process the next queued job; False when there was none. Stopping waits for the job in
-        hand: it is never cut off half-written."""
+        """Process the next streamed slab, else the next queued job; False when there was none.
+        Stopping waits for the slab or job in hand: it is never cut off half-written."""
+        if self._slabs:
+            task = self._slabs.popleft()
+            try:
+                self._process_slab(task)
+            except Exception:
+                log.exception("slab.crashed", job_id=task.job.id)
+            return True
         job = self.jobs.take_next()
         if job is None:
             return False

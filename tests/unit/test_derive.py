@@ -42,7 +42,7 @@ def _source_volume(tmp_path: Path, geometry: str = "axial", shape=(6, 10, 12), *
 
 def _round_trip(volume: Volume, out: Path, **kw) -> tuple[Volume, list[Dataset]]:
     datasets = derive_datasets(volume, kw.pop("pipeline", "passthrough"), kw.pop("version", "0.1.0"), ROOT, **kw)
-    paths = write_derived(datasets, out)
+    paths, _ = write_derived(datasets, out)
     result = assemble_series(paths, CFG)
     assert not result.rejections, result.rejections
     (back,) = result.volumes
@@ -116,8 +116,8 @@ def test_series_number_without_a_source_number_is_the_offset_and_description_fit
 
 def test_rederiving_gives_identical_uids_and_identical_file_bytes(tmp_path):
     vol = _source_volume(tmp_path)
-    a = write_derived(derive_datasets(vol, "passthrough", "0.1.0", ROOT), tmp_path / "a")
-    b = write_derived(derive_datasets(vol, "passthrough", "0.1.0", ROOT), tmp_path / "b")
+    a, _ = write_derived(derive_datasets(vol, "passthrough", "0.1.0", ROOT), tmp_path / "a")
+    b, _ = write_derived(derive_datasets(vol, "passthrough", "0.1.0", ROOT), tmp_path / "b")
     assert [p.name for p in a] == [p.name for p in b]
     assert all(p.read_bytes() == q.read_bytes() for p, q in zip(a, b))
     assert all(p.name == f"{pydicom.dcmread(p).SOPInstanceUID}.dcm" for p in a)
