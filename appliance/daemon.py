@@ -165,7 +165,7 @@ class Daemon:
                 study_uid=row.study_uid, series_uid=row.series_uid, job_id=job.id, pipeline=job.pipeline,
                 label="", shape=list(slab.volume.shape), queued_at=_utc(job.queued_at),
             ))
-        self.worker.submit_slab(stream.job, slab, stream.slabs - 1, final)
+        self.worker.submit_slab(stream.job, slab, slab.index, final)
 
     def _finish_stream(self, row: SeriesRow, stream: SeriesStream, paths) -> bool:
         """At completion of a series that streamed: its last slab, if the whole series is what the

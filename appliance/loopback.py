@@ -49,8 +49,10 @@ class ReceivingPeer:
         ae = AE(ae_title=ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         ae.maximum_associations = 16
+        from appliance.dicom.scu import NODELAY
+
         self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store), *NODELAY])
 
     def _on_store(self, event: evt.Event) -> int:
         ds = event.dataset
@@ -183,8 +185,9 @@ STAGE_LABELS = {
 
 def stage_seconds(events: list, series_uid: str) -> dict[str, float]:
     """Seconds per step of one source series, in pipeline order, from the daemon's events:
-    receive, completion_wait, assemble, queue_wait, ``stage:<name>`` per pipeline stage, derive,
-    export (the slowest destination). Steps whose events were not seen (PUB drops to slow
+    receive, completion_wait, assemble (batch only: a streamed series is assembled slab by slab
+    while it arrives), queue_wait, ``stage:<name>`` per pipeline stage (summed over the slabs),
+    derive (summed), export (the slowest destination, first instance out to the last confirmed). Steps whose events were not seen (PUB drops to slow
     joiners) are left out. Only the last attempt of a retried job counts."""
     mine = [e for e in events if e.series_uid == series_uid]
 
@@ -196,14 +199,14 @@ def stage_seconds(events: list, series_uid: str) -> dict[str, float]:
     if received:
         out["receive"] = (received.received_last - received.received_first).total_seconds()
         out["completion_wait"] = (received.completed_at - received.received_last).total_seconds()
-        if queued:
+        if queued and queued.queued_at >= received.completed_at:  # batch: assembled after completion
             out["assemble"] = (queued.queued_at - received.completed_at).total_seconds()
     if queued and started:
         out["queue_wait"] = (started.started_at - queued.queued_at).total_seconds()
     if started:
-        for e in mine:
+        for e in mine:  # a streamed series has one stage.done per slab: their sum
             if e.topic == "stage.done" and e.attempt == started.attempt:
-                out[f"stage:{e.stage}"] = e.seconds
+                out[f"stage:{e.stage}"] = out.get(f"stage:{e.stage}", 0.0) + e.seconds
     if done and "derive" in done.timings:
         out["derive"] = done.timings["derive"]
     exports = [e.seconds for e in mine if e.topic == "export.done"]

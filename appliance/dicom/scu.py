@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from appliance.logging import get_logger
@@ -23,6 +23,15 @@ MAX_CONTEXTS = 128  # an SCU may propose at most 128 presentation contexts
 # Send files as their bytes on disk instead of decoding and re-encoding each dataset: faster, and
 # the peer receives exactly what is in the file.
 _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _nodelay(event: evt.Event) -> None:
+    from appliance.dicom.scp import set_nodelay
+
+    set_nodelay(event.assoc)
+
+
+NODELAY = [(evt.EVT_CONN_OPEN, _nodelay)]
 
 
 class SendError(Exception):
@@ -96,7 +105,7 @@ def send_folder(
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate(host, port, ae_title=called_ae)
+        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=NODELAY)
         if not assoc.is_established:
             report.failed.extend((f[0], "association refused or peer unreachable") for f in files)
             continue

@@ -44,6 +44,8 @@ from kernels.ctpd import is_ctpd
 
 log = get_logger(__name__)
 
+_MAX_SUBDIVISION = 8  # steps seen may be up to this many spacings before the neighbours arrive
+
 
 @dataclass
 class Slab:
@@ -53,6 +55,7 @@ class Slab:
     volume: Volume
     crop: tuple[int, int]
     sop_instance_uids: tuple[str, ...]  # of the slices kept (order[lo:hi])
+    index: int = 0  # 0-based, in the order the series' slabs were made
 
 
 @dataclass
@@ -150,13 +153,20 @@ def ready_slabs(stream: SeriesStream, cfg: AssemblyConfig, slab_slices: int) -> 
     got = _steps(order, cfg)
     if got is None:
         return []
-    steps, spacing = got
-    tol = max(cfg.spacing_tolerance_mm, cfg.spacing_tolerance_fraction * spacing)
-    if spacing <= tol:
+    steps, smallest = got
+    tol = max(cfg.spacing_tolerance_mm, cfg.spacing_tolerance_fraction * smallest)
+    if smallest <= tol:
         _stop(stream, "duplicate_position", "two instances share a slice position")
         return []
-    multiples = steps / spacing
-    if np.any(np.abs(multiples - np.round(multiples)) * spacing > tol):
+    # The spacing: the largest smallest/m (m = 1, 2, ...) of which every step is a multiple. With
+    # shuffled arrival the smallest step seen may still span a missing slice or two.
+    for m in range(1, _MAX_SUBDIVISION + 1):
+        spacing = smallest / m
+        tol = max(cfg.spacing_tolerance_mm, cfg.spacing_tolerance_fraction * spacing)
+        multiples = steps / spacing
+        if np.all(np.abs(multiples - np.round(multiples)) * spacing <= tol):
+            break
+    else:
         _stop(stream, "non_uniform_spacing", f"slice steps from {steps.min():.3f} to {steps.max():.3f} mm")
         return []
     unit = np.abs(steps - spacing) <= tol  # unit[i]: order[i] and order[i+1] are neighbours
@@ -200,8 +210,8 @@ def _slabs(stream: SeriesStream, order: list[Frame], indices: np.ndarray, cfg: A
             return []
         kept = tuple(f.sop_instance_uid for f in order[lo:hi])
         stream.emitted.update(kept)
+        out.append(Slab(volume, (lo - a, hi - a), kept, stream.slabs))
         stream.slabs += 1
-        out.append(Slab(volume, (lo - a, hi - a), kept))
     return out
 
 

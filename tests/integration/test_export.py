@@ -69,7 +69,14 @@ def test_study_in_derived_series_out_with_every_event_in_order(tmp_path, setup):
 
     # Every topic of the study, in order, with the documented schema (decode validated each).
     topics = [e.topic for e in sub.events if e.topic != "health" and e.series_uid == study.series_uid]
-    assert topics == ["series.received", "job.queued", "job.started", "stage.done", "job.done", "export.done"]
+    # Streamed (passthrough streams): the job starts on the first slab, before the series is
+    # complete; one stage.done per slab; the last slab follows completion.
+    assert topics[:3] == ["job.queued", "job.started", "stage.done"] and topics[-2:] == ["job.done", "export.done"]
+    assert topics.count("series.received") == 1 and "stream.fallback" not in topics
+    assert topics.index("series.received") < topics.index("job.done")
+    assert set(topics) == {"series.received", "job.queued", "job.started", "stage.done", "job.done", "export.done"}
+    slabs = [e for e in sub.events if e.topic == "stage.done" and e.series_uid == study.series_uid]
+    assert len(slabs) >= 2 and sum(e.slices for e in slabs) == 24 and [e.slab for e in slabs] == list(range(len(slabs)))
     done = next(e for e in sub.events if e.topic == "export.done")
     assert done.derived_series_uid == derived_uid and done.instances == 24 and done.end_to_end_s > 0
 
