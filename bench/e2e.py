@@ -29,7 +29,7 @@ from appliance.loopback import LoopbackDaemon, ReceivingPeer, free_port, wait_un
 from appliance.loopback import stage_seconds as daemon_stage_seconds
 from bench.plan import Plan
 from bench.progress import Progress
-from bench.schema import Result, measured
+from bench.schema import Peer, Result, measured
 from bench.studies import StudyBank
 
 STORESCU = Path("/usr/bin/storescu")
@@ -38,10 +38,15 @@ STORESCU = Path("/usr/bin/storescu")
 # instances of 256x256 took 1.5 s instead of 0.09 s. A benchmark peer must not be handicapped.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 SENDERS = ("appliance-scu", "dcmtk-storescu")
+# Consoles: a pynetdicom storage SCP (ids without a suffix) and dcmtk storescp, as real consoles are
+# not Python (ids "<sender>@dcmtk-storescp").
+CONSOLES = ("pynetdicom", "dcmtk-storescp")
 MEASURES = {
     "first_byte_to_last_response": "first byte sent -> last derived image's C-STORE response",
-    "last_image_to_last_response": "last source image sent -> last derived image's C-STORE response",
+    # The added latency: what the operator waits for after the scanner has sent its last image.
+    "last_image_to_last_response": "added latency: sender's last C-STORE response -> last derived image stored",
 }
+WIRE = "wire_floor"  # dcmtk storescu -> dcmtk storescp, one way, the same files, in the same run
 
 
 class BenchError(RuntimeError):
@@ -77,15 +82,23 @@ def send(sender: str, folder: Path, port: int, calling_ae: str) -> None:
 
 class E2E:
     def __init__(self, cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress: Progress,
-                 pipeline: str | None) -> None:
+                 pipeline: str | None, console: str = "pynetdicom") -> None:
         self.plan, self.work, self.bank, self.progress = plan, Path(work), bank, progress
+        self.console = console
         self.peer_port = free_port()
-        self.peer = ReceivingPeer(self.work / "received", self.peer_port, keep_files=False)
+        if console == "dcmtk-storescp":
+            from bench.ingest import DcmtkStoreSCP  # ingest imports this module
+
+            self.peer = DcmtkStoreSCP(self.work, "console", ae_title="CONSOLE", port=self.peer_port,
+                                      by_study=True).__enter__()
+        else:
+            self.peer = ReceivingPeer(self.work / "received", self.peer_port, keep_files=False)
         self.daemon = LoopbackDaemon(daemon_config(cfg, pipeline, plan), self.work / "daemon",
                                      console_port=self.peer_port, calling_ae="BENCH")
         self.pipeline = pipeline or "+".join(sorted({r.pipeline for r in self.daemon.cfg.routes
                                                      if r.data != "projections"}))
         self.events = None
+        self.wire_scp = None  # dcmtk storescp for the wire's floor, started on first use
 
     @property
     def config(self) -> ApplianceConfig:
@@ -98,6 +111,8 @@ class E2E:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.wire_scp is not None:
+            self.wire_scp.__exit__()
         if self.events is not None:
             self.events.close()
         self.daemon.stop()
@@ -126,6 +141,7 @@ class E2E:
             except BaseException as exc:  # reported below, in the bench's thread
                 errors.append(exc)
 
+        wire = self._wire_floor(studies[0][0]) if sender == "dcmtk-storescu" and concurrency == 1 else None
         threads = [threading.Thread(target=one, args=(i, s[0])) for i, s in enumerate(studies)]
         for t in threads:
             t.start()
@@ -141,12 +157,25 @@ class E2E:
             time.sleep(0.2)  # the last events (export.done) trail the last C-STORE response
             lasts = [max(self.peer.study_arrivals(study_uid)) for _, study_uid, _ in studies]
             makespan = max(lasts) - min(t["t0"] for t in times)
-            return [{"first_byte": last - t["t0"], "last_image": last - t["t_sent"],
+            return [{"first_byte": last - t["t0"], "last_image": last - t["t_sent"], "wire": wire,
                      "stages": daemon_stage_seconds(self.events.events, series_uid), "batch_makespan": makespan}
                     for (_, _, series_uid), t, last in zip(studies, times, lasts)]
         finally:
             for folder, *_ in studies:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _wire_floor(self, folder: Path) -> float:
+        """Seconds for dcmtk storescu to move ``folder`` one way into dcmtk storescp (no appliance)."""
+        from bench.ingest import DcmtkStoreSCP  # ingest imports this module
+
+        if self.wire_scp is None:
+            self.wire_scp = DcmtkStoreSCP(self.work / "wire").__enter__()
+        t0 = time.perf_counter()
+        send("dcmtk-storescu", folder, self.wire_scp.port, "BENCH")
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(self.wire_scp.out, ignore_errors=True)
+        self.wire_scp.out.mkdir()
+        return seconds
 
     def warm_up(self) -> None:
         shape = (min(self.plan.e2e_slices), *self.plan.e2e_in_plane)
@@ -163,9 +192,10 @@ class E2E:
             samples += got
             self.progress.sample(f"e2e {label} {sender} x{concurrency} batch {b + 1}/{batches}",
                                  max(s["first_byte"] for s in got), "s (slowest study)")
-        params = {"pipeline": self.pipeline, "slices": slices, "rows": shape[1], "cols": shape[2], "sender": sender,
-                  "concurrency": concurrency}
-        base = f"e2e/{self.pipeline}/{label}/{sender}/c{concurrency}"
+        who = sender if self.console == "pynetdicom" else f"{sender}@{self.console}"
+        params = {"pipeline": self.pipeline, "slices": slices, "rows": shape[1], "cols": shape[2], "sender": who,
+                  "concurrency": concurrency, "console": self.console}
+        base = f"e2e/{self.pipeline}/{label}/{who}/c{concurrency}"
         stage_names: list[str] = []
         for s in samples:
             stage_names += [k for k in s["stages"] if k not in stage_names]
@@ -175,28 +205,40 @@ class E2E:
             makespans = [s["batch_makespan"] for s in samples[::concurrency]]
             extra["batch_makespan_s_p50"] = float(np.median(makespans))
         results = []
+        wire = None
+        if all(s["wire"] is not None for s in samples):
+            wire = measured(f"{base}/{WIRE}", "e2e",
+                            f"the wire's floor for the same {label} files: dcmtk storescu -> dcmtk storescp, one way",
+                            [s["wire"] for s in samples], metric="latency", unit="s", better="lower",
+                            warmup=self.plan.warmup, params={**params, "measure": WIRE})
         for measure, what in MEASURES.items():
             key = "first_byte" if measure.startswith("first") else "last_image"
-            results.append(measured(
+            result = measured(
                 f"{base}/{measure}", "e2e",
-                f"{self.pipeline}, {label} CT, {sender}, {concurrency} at once: {what}",
+                f"{self.pipeline}, {label} CT, {sender} -> appliance -> {self.console}, {concurrency} at once: {what}",
                 [s[key] for s in samples], metric="latency", unit="s", better="lower", warmup=self.plan.warmup,
                 params={**params, "measure": measure},
-                stages=stages if key == "first_byte" else None, extra=extra))
-        return results
+                stages=stages if key == "first_byte" else None, extra=extra)
+            if wire is not None and key == "first_byte":  # end to end as a multiple of the wire's floor
+                result.peer = Peer(name="dcmtk storescu -> storescp one way", id=wire.id, stats=wire.stats,
+                                   ratio=result.stats.p50 / wire.stats.p50)
+            results.append(result)
+        return results + ([wire] if wire is not None else [])
 
 
-def steps(plan: Plan) -> int:
-    n = sum(plan.e2e_slices.values()) + plan.e2e_slices.get(plan.e2e_reference_slices, 0)
-    return n + sum(plan.e2e_concurrency.values())
 
 
 def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress: Progress,
         pipeline: str | None = "denoise") -> tuple[list[Result], dict]:
-    """Every e2e configuration of ``plan``; the results and the daemon's effective configuration."""
-    senders = list(SENDERS) if STORESCU.exists() else ["appliance-scu"]
-    if not STORESCU.exists():
-        progress.note("e2e: dcmtk storescu not installed (/usr/bin/storescu); only the appliance SCU sends")
+    """Every e2e configuration of ``plan``; the results and the daemon's effective configuration.
+
+    Then, where dcmtk is installed, the reference size sent by dcmtk storescu and received by dcmtk
+    storescp as the console, with the wire's floor beside it: for ``pipeline`` and for
+    ``passthrough`` (the appliance's own plumbing, nothing computed)."""
+    dcmtk = STORESCU.exists() and Path("/usr/bin/storescp").exists()
+    senders = list(SENDERS) if dcmtk else ["appliance-scu"]
+    if not dcmtk:
+        progress.note("e2e: dcmtk not installed (/usr/bin/storescu, storescp); only the appliance SCU sends")
     results: list[Result] = []
     with E2E(cfg, plan, work, bank, progress, pipeline) as e2e:
         for _ in range(plan.warmup):
@@ -207,4 +249,16 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
         for concurrency, n in sorted(plan.e2e_concurrency.items()):
             results += e2e.measure(plan.e2e_concurrency_slices, "appliance-scu", concurrency, n)
         config = e2e.config.model_dump(mode="json")
+    if dcmtk:
+        n = plan.e2e_slices.get(plan.e2e_reference_slices, 1)
+        for name in dict.fromkeys([pipeline, "passthrough"]):
+            with E2E(cfg, plan, work / f"dcmtk-{name}", bank, progress, name, console="dcmtk-storescp") as e2e:
+                for _ in range(plan.warmup):
+                    e2e.warm_up()
+                results += e2e.measure(plan.e2e_reference_slices, "dcmtk-storescu", 1, n)
     return results, config
+
+
+def steps(plan: Plan) -> int:
+    n = sum(plan.e2e_slices.values()) + plan.e2e_slices.get(plan.e2e_reference_slices, 0)
+    return n + sum(plan.e2e_concurrency.values()) + 2 * plan.e2e_slices.get(plan.e2e_reference_slices, 0)

@@ -31,12 +31,18 @@ STORESCP = Path("/usr/bin/storescp")
 
 
 class DcmtkStoreSCP:
-    def __init__(self, work: Path) -> None:
-        self.port = free_port()
-        self.out = Path(work) / "storescp"
+    """dcmtk storescp (TCP_NODELAY=1) writing under ``work/name``; ``by_study``: one folder per
+    study (``-su``), so a console's arrivals can be told apart per study."""
+
+    def __init__(self, work: Path, name: str = "storescp", ae_title: str = "APPLIANCE", port: int | None = None,
+                 by_study: bool = False) -> None:
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.out = Path(work) / name
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log = Path(work) / "storescp.log"
-        self.proc = subprocess.Popen([str(STORESCP), "-aet", "APPLIANCE", "-od", str(self.out), str(self.port)],
+        self.log = Path(work) / f"{name}.log"
+        sort = ["-su", "study"] if by_study else []
+        self.proc = subprocess.Popen([str(STORESCP), "-aet", ae_title, *sort, "-od", str(self.out), str(self.port)],
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=DCMTK_ENV)
 
     def __enter__(self) -> DcmtkStoreSCP:
@@ -44,7 +50,7 @@ class DcmtkStoreSCP:
 
         def ready() -> bool:
             try:
-                return echo("127.0.0.1", self.port, called_ae="APPLIANCE", timeout_s=2) == 0
+                return echo("127.0.0.1", self.port, called_ae=self.ae_title, timeout_s=2) == 0
             except SendError:
                 return False
 
@@ -54,6 +60,22 @@ class DcmtkStoreSCP:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+    # As a console (`bench.e2e`): the same two calls as `appliance.loopback.ReceivingPeer`.
+    def study_arrivals(self, study_uid: str) -> list[float]:
+        """When each instance of the study was stored: its file's modification time (storescp
+        writes the file, then answers)."""
+        out = []
+        for folder in self.out.glob(f"*_{study_uid}"):
+            for f in folder.iterdir():
+                try:
+                    out.append(f.stat().st_mtime)
+                except FileNotFoundError:
+                    pass
+        return out
+
+    def stop(self) -> None:
+        self.__exit__()
 
 
 def steps(plan: Plan) -> int:

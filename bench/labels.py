@@ -13,9 +13,11 @@ from bench.schema import Result
 
 FIRST_BYTE = "first_byte_to_last_response"
 LAST_IMAGE = "last_image_to_last_response"
+WIRE = "wire_floor"
 MEASURES = {
     FIRST_BYTE: "first byte → last response",
-    LAST_IMAGE: "last image → last response",
+    LAST_IMAGE: "added latency: last image → last response",
+    WIRE: "wire's floor: dcmtk storescu → storescp, one way",
 }
 
 _NUM = r"(?P<cols>\d+)x(?P<rows>\d+)x(?P<slices>\d+)"
@@ -169,7 +171,7 @@ def result_label(r: Result, with_pipeline: bool = False) -> str:
 
 
 def measure_rank(m: Any) -> int:
-    return {FIRST_BYTE: 0, LAST_IMAGE: 1}.get(str(m), 2)
+    return {FIRST_BYTE: 0, LAST_IMAGE: 1, WIRE: 2}.get(str(m), 3)
 
 
 def rank(value: Any, order: tuple[str, ...]) -> int:

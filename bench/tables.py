@@ -61,7 +61,7 @@ _PARAM_COLUMNS: dict[str, list[Column]] = {
 
 #: params shown by the columns above (or folded into them); any other param goes to "other params"
 _SHOWN_PARAMS = {
-    "e2e": {"pipeline", "slices", "rows", "cols", "sender", "concurrency", "measure"},
+    "e2e": {"pipeline", "slices", "rows", "cols", "sender", "concurrency", "measure", "console"},
     "ingest": {"receiver", "sender", "slices", "rows", "cols", "bytes"},
     "denoise": {"backend", "model", "slices", "rows", "cols", "slab"},
     "recon": {"backend", "algorithm", "n", "views", "detector", "iterations", "subsets"},

@@ -349,6 +349,7 @@ class Exporter(BackgroundLoop):
         self.on_sent = on_sent
         self.on_gave_up = on_gave_up
         self._links: dict[str, Link] = {}
+        self.sent_count = 0  # instances confirmed since start
         self._started: dict[int, float] = {}  # entry id -> when its first instance went out
 
     def backoff_s(self, attempts: int) -> float:
@@ -362,25 +363,23 @@ class Exporter(BackgroundLoop):
             except Exception:
                 link.assoc.abort()
 
-    def attempt(self, entry: Entry) -> int:
-        """Send what the entry has that its destination has not confirmed; returns how many
-        instances went. Marks the entry sent once it is sealed and all of it is confirmed."""
+    def attempt(self, entry: Entry) -> bool:
+        """Send what the entry has that its destination has not confirmed (counted in
+        ``sent_count``); True when the entry is sealed and all of it is confirmed (marked sent)."""
         dest = self.destinations.get(entry.destination)
         t0 = self._started.setdefault(entry.id, time.perf_counter())
-        sent = 0
         try:
             if dest is None:
                 raise DeliveryError(f"destination {entry.destination!r} is no longer configured")
             files = self.outbox.unsent(entry.id)
 
             def confirmed(uid: str) -> None:
-                nonlocal sent
                 self.outbox.mark_instance_sent(entry.id, uid)
-                sent += 1
+                self.sent_count += 1
 
             link = store_series(files, dest, dest.calling_ae_title or self.calling_ae, self.cfg.timeout_s,
-                                confirmed, self._links.get(entry.destination))
-            if link is not None:
+                                confirmed, link=self._links.get(entry.destination))
+            if isinstance(link, Link):
                 self._links[entry.destination] = link
         except (DeliveryError, OSError) as exc:
             self._drop_link(entry.destination)
@@ -396,27 +395,28 @@ class Exporter(BackgroundLoop):
                 self.outbox.schedule_retry(entry.id, str(exc), time.time() + delay)
                 log.warning("export.retry", destination=entry.destination, series_uid=entry.derived_series_uid,
                             attempts=attempts, retry_in_s=round(delay, 1), error=str(exc))
-            return sent
+            return False
         current = self.outbox.get(entry.id)
         if current is None or not current.sealed or self.outbox.unsent(entry.id):
-            return sent  # more slabs to come, or instances recorded while these went out
+            return False  # more slabs to come, or instances recorded while these went out
         seconds = time.perf_counter() - self._started.pop(entry.id, t0)
         self.outbox.mark_sent(entry.id, seconds)
         log.info("export.sent", destination=entry.destination, series_uid=entry.derived_series_uid,
                  seconds=round(seconds, 3))
         self.on_sent(self.outbox.get(entry.id))
-        return sent
+        return True
 
     def run_due(self) -> int:
-        n = 0
+        """One attempt per due entry; returns how many instances went."""
+        before = self.sent_count
         for entry in self.outbox.due():
             if self.stopping:
                 break
             try:
-                n += self.attempt(entry)
+                self.attempt(entry)
             except Exception:
                 log.exception("export.attempt_failed", destination=entry.destination)
-        return n
+        return self.sent_count - before
 
     def _release_idle_links(self) -> None:
         busy = {e.destination for e in self.outbox.due()}

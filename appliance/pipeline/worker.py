@@ -182,10 +182,11 @@ class Worker(BackgroundLoop):
         """Pipeline, crop, derive, write, outbox for one slab (``crop_to`` None: the whole volume)."""
         pipeline = self._pipeline(job.pipeline)
         attempt = max(1, job.attempts)
+        slices = (crop_to[1] - crop_to[0]) if crop_to else (volume.shape[0] if isinstance(volume, Volume) else None)
         result, stage_seconds = pipeline.run(volume, on_stage_done=lambda name, s: self.publisher.publish(StageDone(
             study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=job.pipeline,
             stage=name, seconds=s, attempt=attempt, slab=index,
-            slices=(crop_to[1] - crop_to[0]) if crop_to else volume.shape[0],
+            slices=slices,
         )))
         if crop_to is not None:
             result = crop(result, *crop_to)

@@ -41,11 +41,19 @@ def test_quick_run_writes_a_valid_document_with_every_scenario(quick_run):
     for r in doc.results:
         assert r.stats.n == len(r.samples) and r.stats.min <= r.stats.p50 <= r.stats.p95 <= r.stats.max
     e2e = [r for r in doc.results if r.scenario == "e2e"]
-    assert {r.params["sender"] for r in e2e} == {"appliance-scu", "dcmtk-storescu"}
+    assert {r.params["sender"] for r in e2e} == {"appliance-scu", "dcmtk-storescu", "dcmtk-storescu@dcmtk-storescp"}
     assert {r.params["concurrency"] for r in e2e} == {1, 2}
+    assert {r.params["pipeline"] for r in e2e if r.params["console"] == "dcmtk-storescp"} == {"denoise", "passthrough"}
     first = next(r for r in e2e if r.params["measure"] == "first_byte_to_last_response")
-    assert list(first.stages)[:4] == ["receive", "completion_wait", "assemble", "queue_wait"]
+    assert list(first.stages)[:2] == ["receive", "completion_wait"]
     assert {"stage:denoise", "derive", "export"} <= set(first.stages)
+    # dcmtk in, dcmtk out: end to end as a multiple of the wire's floor, measured in the same run.
+    for pipeline in ("denoise", "passthrough"):
+        e2e_dcmtk = next(r for r in e2e if r.params["sender"] == "dcmtk-storescu@dcmtk-storescp"
+                         and r.params["pipeline"] == pipeline and r.params["measure"] == "first_byte_to_last_response")
+        wire = next(r for r in e2e if r.id == e2e_dcmtk.peer.id)
+        assert wire.params["measure"] == "wire_floor" and 0 < wire.stats.p50 < e2e_dcmtk.stats.p50
+        assert e2e_dcmtk.peer.ratio == pytest.approx(e2e_dcmtk.stats.p50 / wire.stats.p50)
     appliance_ingest = next(r for r in doc.results if r.id.startswith("ingest/appliance/"))
     assert appliance_ingest.peer is not None and appliance_ingest.peer.name == "dcmtk storescp"
     assert appliance_ingest.peer.ratio > 0

@@ -61,7 +61,6 @@ def _one_of_each() -> list:
         SeriesReceived(**ids, instances=120, calling_ae="CT_SCANNER", modality="CT", received_first=T0,
                        received_last=T0 + timedelta(seconds=9), completed_at=T0 + timedelta(seconds=14), why="idle"),
         SeriesRejected(**ids, reasons=["irregular_spacing"], details=["slice 12: spacing 2.5 mm, expected 1.25 mm"]),
-        StreamFallback(**ids, reason="missing_slice", detail="1 slice missing after 40.0 mm", streamed_slices=32),
         JobQueued(**ids, pipeline="denoise", label="Denoise CT", shape=[120, 512, 512], queued_at=T0),
         JobStarted(**ids, pipeline="denoise", label="Denoise CT", attempt=1, started_at=T0),
         StageDone(**ids, pipeline="denoise", stage="infer", seconds=2.345, attempt=1),
@@ -72,6 +71,7 @@ def _one_of_each() -> list:
         JobFailed(**ids, reason="gpu_error", detail="CUDA out of memory", pipeline="denoise", stage="infer",
                   will_retry=True),
         Health(version="0.1.0", uptime_s=3600.5, queued_jobs=2, pending_exports=1, free_bytes=250 * 2**30),
+        StreamFallback(**ids, reason="missing_slice", detail="1 slice missing after 40.0 mm", streamed_slices=32),
     ]
 
 

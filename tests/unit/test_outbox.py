@@ -43,7 +43,7 @@ def test_retry_backoff_doubles_up_to_the_cap(outbox):
 def test_a_failed_attempt_keeps_confirmed_instances_and_schedules_a_retry(outbox, monkeypatch):
     e = outbox.add(1, ["pacs"], "9.9", FILES)[0]
 
-    def two_then_down(files, dest, calling_ae, timeout_s, on_instance_sent):
+    def two_then_down(files, dest, calling_ae, timeout_s, on_instance_sent, link=None):
         for uid, _ in files[:2]:
             on_instance_sent(uid)
         raise DeliveryError("peer went away")
