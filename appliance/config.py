@@ -229,6 +229,10 @@ class ExportConfig(_Section):
         "delete", description="what happens to received instances once every destination stored the result"
     )
     timeout_s: float = Field(30.0, gt=0)
+    process: bool = Field(
+        True, description="run the exporter in a process of its own (on a 2-core box one process cannot "
+        "receive, derive and export at the wire's pace); false: a thread of the daemon"
+    )
 
 
 class EventsConfig(_Section):

@@ -66,8 +66,17 @@ class Daemon:
         self.watcher = CompletionWatcher(self.spool, cfg.completion, on_complete=self._on_complete)
         self.worker = Worker(cfg, self.spool, self.jobs, self.outbox, self.publisher, self.pipelines,
                              on_exporting=self._on_exporting)
-        self.exporter = Exporter(self.outbox, cfg.destinations, cfg.export, cfg.node.ae_title,
-                                 on_sent=self._on_export_sent, on_gave_up=self._on_export_gave_up)
+        if cfg.export.process:
+            import logging
+
+            from appliance.dicom.export_process import ExporterProcess
+
+            self.exporter = ExporterProcess(cfg, self.outbox, on_sent=self._on_export_sent,
+                                            on_gave_up=self._on_export_gave_up,
+                                            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+        else:
+            self.exporter = Exporter(self.outbox, cfg.destinations, cfg.export, cfg.node.ae_title,
+                                     on_sent=self._on_export_sent, on_gave_up=self._on_export_gave_up)
         self._assembly_queue: queue.Queue[tuple | None] = queue.Queue()
         self.streams: dict[str, SeriesStream] = {}  # series uid -> its stream (assembler thread only)
         self._assembler: threading.Thread | None = None

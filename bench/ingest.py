@@ -115,6 +115,8 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
     cfg = cfg.model_copy(deep=True)
     cfg.completion.idle_seconds = 24 * 3600.0  # receive only: nothing completes during the scenario
     cfg.completion.expected_count_tags = []
+    cfg.completion.on_release = False
+    cfg.streaming.enabled = False  # nor is anything streamed: e2e measures receiving beside processing
     daemon = LoopbackDaemon(cfg, Path(work) / "ingest-daemon", console_port=free_port(), calling_ae="BENCH")
     daemon.start()
     try:

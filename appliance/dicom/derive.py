@@ -31,6 +31,7 @@ vendors do) because float MR results cannot be stored without them.
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import json
@@ -217,11 +218,13 @@ def _base_dataset(volume: Volume, sop_class: str) -> Dataset:
     lifted = {kw: _functional_group_value(header, frame, seq, inner) for kw, seq, inner in _LIFTED if kw not in header}
     mr_sequence = _classic_mr_sequence(header) if sop_class == MRImageStorage else None
     ds = Dataset()
-    for elem in header:  # a fresh, deep copy: the assembler's header is shared and must not change
+    for elem in header:  # a fresh copy: the assembler's header is shared and must not change
         tag = elem.tag
         if tag.is_private or tag.group == 0x0002 or tag.element == 0 or (tag.group & 0xFF00) in (0x5000, 0x6000):
             continue  # private data, file meta, group lengths, curves and overlays of the first slice
-        ds.add(copy.deepcopy(elem))
+        # Values are replaced here, never changed in place, so only sequences (datasets inside)
+        # need a deep copy; a shallow copy of the element keeps the source's value objects.
+        ds.add(copy.deepcopy(elem) if elem.VR == "SQ" else copy.copy(elem))
     ds.remove_private_tags()
     for keyword in _DROPPED:
         if keyword in ds:
@@ -366,13 +369,18 @@ def derive_datasets(
         return bases[key]
 
     whole_rescale = None if per_slice else hu_rescale(voxels, volume.units)
+    shared = collections.Counter(id(h) for h in volume.slice_headers) if per_slice else {}
     geom = volume.geometry
     normal = geom.normal
     whole_series = None if one_to_one else _referenced_series(volume, src.sop_instance_uids)
     out = []
     for k in range(n):
         rescale = hu_rescale(voxels[k], volume.units) if per_slice else whole_rescale
-        ds = copy.deepcopy(base_for(volume.slice_headers[k] if per_slice else volume.header))
+        # Per slice, each base serves one instance: no second copy (a multi-frame source's
+        # frames share one header, so theirs is copied).
+        header = volume.slice_headers[k] if per_slice else volume.header
+        base = base_for(header)
+        ds = base if per_slice and shared[id(header)] == 1 else copy.deepcopy(base)
         _pixel_attributes(ds, volume, rescale, per_slice)
         series_uid = str(ds.SeriesInstanceUID)
         if one_to_one:
