@@ -30,6 +30,20 @@ Z_START_MM = 120.0  # heart, diaphragm and liver dome
 TIMEOUT_S = 150
 
 
+def _wire_floor(folder: Path, work: Path) -> float | None:
+    """Seconds for dcmtk storescu to move ``folder`` one way into dcmtk storescp (None without dcmtk)."""
+    if not (Path("/usr/bin/storescu").exists() and Path("/usr/bin/storescp").exists()):
+        return None
+    from bench.e2e import send
+    from bench.ingest import DcmtkStoreSCP
+
+    work.mkdir(parents=True, exist_ok=True)
+    with DcmtkStoreSCP(work) as scp:
+        t0 = time.perf_counter()
+        send("dcmtk-storescu", folder, scp.port, "DEMO")
+        return time.perf_counter() - t0
+
+
 def main() -> int:
     from appliance.logging import configure
 
@@ -68,10 +82,21 @@ def main() -> int:
         steps = stage_seconds(events.events, study.series_uid)
         rows = [("send: C-STORE of every instance (sender's clock)", t_sent - t_send0)]
         rows += [(STAGE_LABELS.get(k, f"stage {k.removeprefix('stage:')}"), v) for k, v in steps.items()]
-        rows.append(("end to end: first image sent -> last derived image received", max(peer.arrivals) - t_send0))
+        end_to_end = max(peer.arrivals) - t_send0
+        rows.append(("end to end: first image sent -> last derived image received", end_to_end))
+        rows.append(("added latency: last image sent -> last derived image received", max(peer.arrivals) - t_sent))
+        streamed = sum(1 for e in events.events if e.topic == "stage.done" and e.slab is not None)
         print(f"\n{'stage':<64} {'seconds':>8}")
         for name, secs in rows:
             print(f"{name:<64} {secs:8.3f}")
+        print(f"\nstreamed: {streamed} slab(s) processed, the first ones while the series was still arriving"
+              if streamed else "\nnot streamed: the series was processed whole after completion")
+        wire = _wire_floor(work / "study", work / "wire")
+        if wire is not None:
+            print(f"the wire's floor (dcmtk storescu -> dcmtk storescp, the same files, one way): {wire:.3f} s; "
+                  f"end to end is {end_to_end / wire:.1f}x that")
+        else:
+            print("the wire's floor: install dcmtk (`make test` does) to see it beside these numbers")
         print(f"\nderived series {events.first('job.done').derived_series_uid}: {len(peer.arrivals)} instances in "
               f"{work / 'received'}\ndaemon log {daemon.log_path}; events were published on {daemon.events_endpoint}")
         code = 0

@@ -125,6 +125,8 @@ class Worker(BackgroundLoop):
         entries = self.outbox.for_job(job.id)
         if not job.destinations or {e.destination for e in entries} < set(job.destinations):
             return False
+        if not all(e.sealed for e in entries):
+            return False  # streamed in part before the stop: processed whole now, confirmed ones kept
         self.discard(job.id)
         self.jobs.exporting(job.id, entries[0].derived_series_uid, job.timings)
         log.info("job.resumed_exporting", job_id=job.id, derived_series_uid=entries[0].derived_series_uid)

@@ -189,7 +189,7 @@ def test_scenario_tables_with_n_stats_peers_and_extras(full):
     # e2e rows are readable: series, sender, concurrency, measure
     row = _table_rows(report, "`e2e/ct-denoise/512x512x300/dcmtk-storescu/c4/last_image_to_last_response`")[0]
     assert "| ct-denoise | 512×512×300 | dcmtk-storescu | 4 | 20 |" in row
-    assert "### first byte → last response" in report and "### last image → last response" in report
+    assert "### first byte → last response" in report and "### added latency: last image → last response" in report
     # ingest: the peer's p50 and the ratio, and MB/s
     appliance = doc.result("ingest/appliance/512x512x300/dcmtk-storescu")
     row = _table_rows(report, f"`{appliance.id}`")[0]
