@@ -1,5 +1,6 @@
 """Ingest throughput: the same study, sent by the same sender (dcmtk storescu, one association),
-into the appliance's SCP and into dcmtk's storescp on the same machine.
+into the appliance's SCP and into dcmtk's storescp on the same machine; and export throughput: the
+same files sent into that storescp by the appliance's exporter and by dcmtk storescu.
 
 A sample is the wall time of one storescu run, from its start to its exit after the last C-STORE
 response (process start and file reading are the same for both receivers, so they cancel in the
@@ -79,7 +80,7 @@ class DcmtkStoreSCP:
 
 
 def steps(plan: Plan) -> int:
-    return 2 * plan.ingest_samples if STORESCU.exists() and STORESCP.exists() else 0
+    return 3 * plan.ingest_samples if STORESCU.exists() and STORESCP.exists() else 0
 
 
 def _samples(receiver: str, port: int, calling_ae: str, plan: Plan, bank: StudyBank, progress: Progress,
@@ -126,6 +127,7 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
         shutil.rmtree(daemon.workdir / "spool", ignore_errors=True)
     with DcmtkStoreSCP(Path(work)) as scp:
         theirs = _samples("dcmtk-storescp", scp.port, "BENCH", plan, bank, progress, scp.out)
+        exported = _export_samples(scp, plan, bank, progress)
     params = {"sender": "dcmtk-storescu", "slices": shape[0], "rows": shape[1], "cols": shape[2], "bytes": nbytes}
     mb = nbytes / shape[0] / 1e6  # MB per instance
 
@@ -138,5 +140,43 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
 
     peer_result = result("dcmtk-storescp", theirs)
     ratio = result("appliance", mine).stats.p50 / peer_result.stats.p50
+    export = measured(f"ingest/dcmtk-storescp/{label}/appliance-exporter", "ingest",
+                      f"send {shape[0]} CT instances of {label} ({nbytes / 1e6:.0f} MB) with the appliance's exporter "
+                      "(one association, the files' bytes) into dcmtk storescp",
+                      exported, metric="instances_per_s", unit="1/s", better="higher", warmup=plan.warmup,
+                      params={**params, "sender": "appliance-exporter", "receiver": "dcmtk-storescp"},
+                      peer=Peer(name="dcmtk storescu", id=peer_result.id, stats=peer_result.stats,
+                                ratio=float(np.median(exported)) / peer_result.stats.p50),
+                      extra={"mb_per_s": float(np.median(exported) * mb)})
     return [result("appliance", mine, Peer(name="dcmtk storescp", id=peer_result.id, stats=peer_result.stats,
-                                           ratio=ratio)), peer_result]
+                                           ratio=ratio)), peer_result, export]
+
+
+def _export_samples(scp: DcmtkStoreSCP, plan: Plan, bank: StudyBank, progress: Progress) -> list[float]:
+    """The appliance's export path (`appliance.dicom.export.Link`: association, then each file's
+    bytes) into the same storescp, the same files as storescu sends: instances/s."""
+    from appliance.config import Destination
+    from appliance.dicom.export import Link
+
+    shape = plan.ingest_shape
+    out = []
+    for i in range(plan.warmup + plan.ingest_samples):
+        folder, *_ = bank.fresh(shape)
+        try:
+            warm = i < plan.warmup
+            progress.status("export into dcmtk-storescp: " + ("warm-up" if warm else f"sample {i - plan.warmup + 1}"))
+            files = sorted(folder.glob("*.dcm"))
+            t0 = time.perf_counter()
+            link = Link(Destination(ae_title=scp.ae_title, host="127.0.0.1", port=scp.port), "BENCH", 60)
+            for path in files:
+                link.send(path)
+            link.close()
+            seconds = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(scp.out, ignore_errors=True)
+            scp.out.mkdir()
+        if not warm:
+            out.append(len(files) / seconds)
+            progress.sample("export into dcmtk-storescp", out[-1], "instances/s")
+    return out

@@ -31,7 +31,7 @@ ID_PATTERNS = {
 }
 OPERATIONS = ("forward_joseph", "adjoint_joseph", "backproject_fdk")
 RECEIVERS = ("appliance", "dcmtk-storescp")
-SENDERS = ("appliance-scu", "dcmtk-storescu")
+SENDERS = ("appliance-scu", "dcmtk-storescu", "appliance-exporter")
 
 
 # --------------------------------------------------------------------------------------------
