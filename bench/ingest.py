@@ -14,6 +14,7 @@ Both dcmtk programs run with ``TCP_NODELAY=1`` (see `bench.e2e.DCMTK_ENV`).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 import subprocess
 import time
 
@@ -83,27 +84,42 @@ def steps(plan: Plan) -> int:
     return 3 * plan.ingest_samples if STORESCU.exists() and STORESCP.exists() else 0
 
 
-def _samples(receiver: str, port: int, calling_ae: str, plan: Plan, bank: StudyBank, progress: Progress,
+def _samples(what: str, transfer: Callable[[Path], None], plan: Plan, bank: StudyBank, progress: Progress,
              clear: Path | None) -> list[float]:
+    """Instances/s of ``transfer(folder)`` over fresh copies of the ingest study (warm-up first).
+    ``clear``: the receiver's folder, emptied after each sample (only the transfer is measured,
+    not the disk filling up)."""
     shape = plan.ingest_shape
     out = []
     for i in range(plan.warmup + plan.ingest_samples):
         folder, *_ = bank.fresh(shape)
         try:
             warm = i < plan.warmup
-            progress.status(f"ingest into {receiver}: " + ("warm-up" if warm else f"sample {i - plan.warmup + 1}"))
+            progress.status(f"{what}: " + ("warm-up" if warm else f"sample {i - plan.warmup + 1}"))
             t0 = time.perf_counter()
-            send("dcmtk-storescu", folder, port, calling_ae)
+            transfer(folder)
             seconds = time.perf_counter() - t0
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-            if clear is not None:  # storescp's files: only the receiving is measured, not the disk filling up
+            if clear is not None:
                 shutil.rmtree(clear, ignore_errors=True)
                 clear.mkdir()
         if not warm:
             out.append(shape[0] / seconds)
-            progress.sample(f"ingest into {receiver}", out[-1], "instances/s")
+            progress.sample(what, out[-1], "instances/s")
     return out
+
+
+def _export(scp: DcmtkStoreSCP, folder: Path) -> None:
+    """The appliance's export path (`appliance.dicom.export.Link`: one association, then each
+    file's bytes) into ``scp``: the same files storescu sends."""
+    from appliance.config import Destination
+    from appliance.dicom.export import Link
+
+    link = Link(Destination(ae_title=scp.ae_title, host="127.0.0.1", port=scp.port), "BENCH", 60)
+    for path in sorted(folder.glob("*.dcm")):
+        link.send(path)
+    link.close()
 
 
 def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress: Progress) -> list[Result]:
@@ -121,13 +137,15 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
     daemon = LoopbackDaemon(cfg, Path(work) / "ingest-daemon", console_port=free_port(), calling_ae="BENCH")
     daemon.start()
     try:
-        mine = _samples("appliance", daemon.port, daemon.calling_ae, plan, bank, progress, None)
+        mine = _samples("ingest into appliance", lambda f: send("dcmtk-storescu", f, daemon.port, daemon.calling_ae),
+                        plan, bank, progress, None)
     finally:
         daemon.stop()
         shutil.rmtree(daemon.workdir / "spool", ignore_errors=True)
     with DcmtkStoreSCP(Path(work)) as scp:
-        theirs = _samples("dcmtk-storescp", scp.port, "BENCH", plan, bank, progress, scp.out)
-        exported = _export_samples(scp, plan, bank, progress)
+        theirs = _samples("ingest into dcmtk-storescp", lambda f: send("dcmtk-storescu", f, scp.port, "BENCH"),
+                          plan, bank, progress, scp.out)
+        exported = _samples("export into dcmtk-storescp", lambda f: _export(scp, f), plan, bank, progress, scp.out)
     params = {"sender": "dcmtk-storescu", "slices": shape[0], "rows": shape[1], "cols": shape[2], "bytes": nbytes}
     mb = nbytes / shape[0] / 1e6  # MB per instance
 
@@ -150,33 +168,3 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
                       extra={"mb_per_s": float(np.median(exported) * mb)})
     return [result("appliance", mine, Peer(name="dcmtk storescp", id=peer_result.id, stats=peer_result.stats,
                                            ratio=ratio)), peer_result, export]
-
-
-def _export_samples(scp: DcmtkStoreSCP, plan: Plan, bank: StudyBank, progress: Progress) -> list[float]:
-    """The appliance's export path (`appliance.dicom.export.Link`: association, then each file's
-    bytes) into the same storescp, the same files as storescu sends: instances/s."""
-    from appliance.config import Destination
-    from appliance.dicom.export import Link
-
-    shape = plan.ingest_shape
-    out = []
-    for i in range(plan.warmup + plan.ingest_samples):
-        folder, *_ = bank.fresh(shape)
-        try:
-            warm = i < plan.warmup
-            progress.status("export into dcmtk-storescp: " + ("warm-up" if warm else f"sample {i - plan.warmup + 1}"))
-            files = sorted(folder.glob("*.dcm"))
-            t0 = time.perf_counter()
-            link = Link(Destination(ae_title=scp.ae_title, host="127.0.0.1", port=scp.port), "BENCH", 60)
-            for path in files:
-                link.send(path)
-            link.close()
-            seconds = time.perf_counter() - t0
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-            shutil.rmtree(scp.out, ignore_errors=True)
-            scp.out.mkdir()
-        if not warm:
-            out.append(len(files) / seconds)
-            progress.sample("export into dcmtk-storescp", out[-1], "instances/s")
-    return out
