@@ -42,6 +42,10 @@ class BackgroundLoop:
     def notify(self) -> None:
         self._wake.set()
 
+    def wait_s(self) -> float:
+        """How long an idle loop sleeps before the next tick (unless notified)."""
+        return self.interval_s
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -58,5 +62,5 @@ class BackgroundLoop:
                 log.exception("background.tick_failed", thread=self.thread_name)
                 more = False
             if not more:
-                self._wake.wait(self.interval_s)
+                self._wake.wait(self.wait_s())
                 self._wake.clear()

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import queue
 import signal
-
-import pydicom
 import threading
 import time
 from datetime import datetime, timezone
+
+import pydicom
 
 from appliance import __version__
 from appliance.config import ApplianceConfig
@@ -153,8 +153,8 @@ class Daemon:
             self._submit_slab(row, stream, slab, final=False)
 
     def _publish_fallback(self, row: SeriesRow, stream: SeriesStream) -> None:
-        if stream.job_id is None and stream.fallback in ("batch_pipeline",):
-            return
+        if stream.job_id is None and stream.fallback == "batch_pipeline":
+            return  # never meant to stream: nothing fell back
         self.publisher.publish(StreamFallback(
             study_uid=row.study_uid, series_uid=row.series_uid, job_id=stream.job_id, reason=stream.fallback,
             detail=stream.fallback_detail, streamed_slices=len(stream.emitted)))
@@ -174,7 +174,7 @@ class Daemon:
                 study_uid=row.study_uid, series_uid=row.series_uid, job_id=job.id, pipeline=job.pipeline,
                 label="", shape=list(slab.volume.shape), queued_at=_utc(job.queued_at),
             ))
-        self.worker.submit_slab(stream.job, slab, slab.index, final)
+        self.worker.submit_slab(stream.job, slab, final)
 
     def _finish_stream(self, row: SeriesRow, stream: SeriesStream, paths) -> bool:
         """At completion of a series that streamed: its last slab, if the whole series is what the
@@ -191,8 +191,7 @@ class Daemon:
         if stream.streaming:
             plan = plan_series(paths, self.cfg.assembly, stream.headers)
             whole = plan.planned[0] if len(plan.planned) == 1 else None
-            rule = route(self.cfg.routes, row.calling_ae, whole.order and plan.headers[whole.order[0].path],
-                         "images") if whole else None
+            rule = route(self.cfg.routes, row.calling_ae, plan.headers[whole.order[0].path], "images") if whole else None
             if plan.rejections or plan.projection_paths or whole is None or whole.label:
                 reasons = sorted({r.reason for r in plan.rejections}) or ["split"]
                 stream.fallback, stream.fallback_detail = ",".join(reasons), "judged on the whole series"
@@ -203,8 +202,8 @@ class Daemon:
             else:
                 slabs = final_slabs(stream, whole.order, self.cfg.assembly)
                 if stream.streaming:
-                    self.jobs._set(stream.job_id, received_last=row.last_received,
-                                   completed_at=self.spool.series(row.series_uid).completed_at)
+                    self.jobs.series_completed(stream.job_id, row.last_received,
+                                               self.spool.series(row.series_uid).completed_at)
                     stream.job = self.jobs.get(stream.job_id)
                     for i, slab in enumerate(slabs):
                         self._submit_slab(row, stream, slab, final=i == len(slabs) - 1)

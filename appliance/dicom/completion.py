@@ -64,7 +64,7 @@ class CompletionWatcher(BackgroundLoop):
                 self._released[uid] = now
         self.notify()
 
-    def _wait_s(self) -> float:
+    def wait_s(self) -> float:
         """Until the earliest release grace ends (or the poll interval)."""
         with self._released_lock:
             ends = [t + self.cfg.release_grace_s for t in self._released.values()]
@@ -110,13 +110,3 @@ class CompletionWatcher(BackgroundLoop):
     def tick(self) -> bool:
         self.poll_once()
         return False
-
-    def _run(self) -> None:
-        # As BackgroundLoop._run, but sleeping only until the next release grace ends.
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("background.tick_failed", thread=self.thread_name)
-            self._wake.wait(self._wait_s())
-            self._wake.clear()

@@ -30,11 +30,12 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pydicom.uid import SecondaryCaptureImageStorage
-from pynetdicom import AE, evt
+from pynetdicom import AE
 
 from appliance.background import BackgroundLoop
 from appliance.config import Destination, ExportConfig
 from appliance.db import Store
+from appliance.dicom.scu import NODELAY
 from appliance.logging import get_logger
 
 log = get_logger(__name__)
@@ -249,12 +250,6 @@ DERIVED_SOP_CLASSES = (CTImageStorage, MRImageStorage, SecondaryCaptureImageStor
 _SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
-def _nodelay(event: evt.Event) -> None:
-    from appliance.dicom.scp import set_nodelay
-
-    set_nodelay(event.assoc)
-
-
 class Link:
     """One association with one destination, kept open across entries while there is work."""
 
@@ -268,7 +263,7 @@ class Link:
             ae.add_requested_context(sop_class, list(_SYNTAXES))
         self.destination = destination
         self.assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                  evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                                  evt_handlers=NODELAY)
         if not self.assoc.is_established:
             raise DeliveryError(f"no association with {destination.ae_title}@{destination.host}:{destination.port}")
         self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in self.assoc.accepted_contexts}

@@ -1,10 +1,11 @@
 """The exporter in a process of its own.
 
 Why: on the 2-core box one Python process cannot receive, derive and export a streamed series at
-the wire's pace - the three share one interpreter lock. Measured (`/tmp`-free, see the README's
-Benchmarks): exporting alone costs ~9-10 ms of CPU per 512x512 instance, deriving and writing
-~18 ms, receiving ~19 ms (half of it pynetdicom's PDU handling), so in one process they queue
-behind each other. The exporter is the part that shares nothing but the outbox, which is SQLite
+the wire's pace - the three share one interpreter lock. Measured with profiling scripts (not the
+bench): exporting alone costs ~9-10 ms of CPU per 512x512 instance, deriving and writing ~18 ms,
+receiving ~19 ms (half of it pynetdicom's PDU handling), so in one process they queue behind each
+other. Taking the exporter out gained little on its own (300 slices, passthrough: 15.8 -> 15.1 s,
+one sample each); derive is the larger share still in the daemon's process. The exporter is the part that shares nothing but the outbox, which is SQLite
 (WAL: one writer at a time, readers never blocked, safe across processes), so it moves out whole:
 the daemon records instances in the outbox and sends "wake" down a pipe; this process sends them
 and answers "sent <entry id>" or "gave_up <entry id>", which the daemon turns into events, job

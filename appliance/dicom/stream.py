@@ -135,25 +135,19 @@ def _sorted(stream: SeriesStream) -> list[Frame]:
     return sorted(frames, key=lambda f: (float(f.position @ normal), f.instance_number or 0))
 
 
-def _steps(order: list[Frame], cfg: AssemblyConfig) -> tuple[np.ndarray, float] | None:
-    """Step (mm) between sorted neighbours and the series' spacing (the smallest step that is
-    not a duplicate); None while fewer than two slices are here."""
-    if len(order) < 2:
-        return None
+def _steps(order: list[Frame]) -> np.ndarray:
+    """Distance (mm) between each pair of sorted neighbours."""
     pos = np.stack([f.position for f in order])
-    steps = np.linalg.norm(np.diff(pos, axis=0), axis=1)
-    return steps, float(np.min(steps))
+    return np.linalg.norm(np.diff(pos, axis=0), axis=1)
 
 
 def ready_slabs(stream: SeriesStream, cfg: AssemblyConfig, slab_slices: int) -> list[Slab]:
     """The slabs that can go now (none until ``slab_slices`` slices are ready)."""
     if not stream.streaming or len(stream.frames) < 2 * stream.context + 1:
         return []
-    order = _sorted(stream)
-    got = _steps(order, cfg)
-    if got is None:
-        return []
-    steps, smallest = got
+    order = _sorted(stream)  # at least three frames (2 * context + 1)
+    steps = _steps(order)
+    smallest = float(np.min(steps))
     tol = max(cfg.spacing_tolerance_mm, cfg.spacing_tolerance_fraction * smallest)
     if smallest <= tol:
         _stop(stream, "duplicate_position", "two instances share a slice position")

@@ -171,6 +171,10 @@ class JobQueue(Store):
             fields["started_at"] = started_at
         self._set(job_id, **fields)
 
+    def series_completed(self, job_id: int, received_last: float, completed_at: float | None) -> None:
+        """A streamed job's series is complete: its times, as a batch job has them from the start."""
+        self._set(job_id, received_last=received_last, completed_at=completed_at)
+
     def in_state(self, state: str) -> list[Job]:
         with self._lock:
             rows = self.db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY id", (state,)).fetchall()

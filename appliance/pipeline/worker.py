@@ -50,7 +50,6 @@ def _utc(ts: float):
 class SlabTask:
     job: Job
     slab: Slab
-    index: int
     final: bool
 
 
@@ -79,7 +78,6 @@ class Worker(BackgroundLoop):
         self._volumes_lock = threading.Lock()
         self._slabs: collections.deque[SlabTask] = collections.deque()  # streamed slabs, in order
         self._job_stages: dict[int, dict[str, float]] = {}  # stage seconds summed over a job's slabs
-        self._job_started: set[int] = set()
         self.failed_streams: set[int] = set()  # jobs whose slab failed: the assembler falls back to batch
 
     # ---- hand-over -------------------------------------------------------------------------
@@ -89,9 +87,9 @@ class Worker(BackgroundLoop):
             self._volumes[job.id] = volume
         self.notify()
 
-    def submit_slab(self, job: Job, slab: Slab, index: int, final: bool) -> None:
+    def submit_slab(self, job: Job, slab: Slab, final: bool) -> None:
         """A slab of a streamed series (from the assembler thread, in slab order)."""
-        self._slabs.append(SlabTask(job, slab, index, final))
+        self._slabs.append(SlabTask(job, slab, final))
         self.notify()
 
     def _pipeline(self, name: str) -> stages.Pipeline:
@@ -158,20 +156,20 @@ class Worker(BackgroundLoop):
             self._failed(job, exc)
 
     def _process_slab(self, task: SlabTask) -> None:
-        job = task.job
-        if task.index == 0:
+        job, index = task.job, task.slab.index
+        if index == 0:
             self._publish_started(job)
         if job.id in self.failed_streams:
             return  # an earlier slab failed: the series goes the batch way at completion
         try:
-            self.run_slab(job, task.slab.volume, task.slab.crop, task.final, task.index)
+            self.run_slab(job, task.slab.volume, task.slab.crop, task.final, index)
         except Exception as exc:
             reason = exc.reason if isinstance(exc, stages.StageError) else "pipeline_error"
             detail = exc.detail if isinstance(exc, stages.StageError) else f"{type(exc).__name__}: {exc}"
-            log.error("slab.failed", job_id=job.id, slab=task.index, reason=reason, detail=detail)
+            log.error("slab.failed", job_id=job.id, slab=index, reason=reason, detail=detail)
             self.publisher.publish(JobFailed(
                 study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, reason=reason,
-                detail=f"slab {task.index}: {detail}; the series will be processed whole", pipeline=job.pipeline,
+                detail=f"slab {index}: {detail}; the series will be processed whole", pipeline=job.pipeline,
                 stage=getattr(exc, "stage", None), will_retry=True,
             ))
             self.failed_streams.add(job.id)
