@@ -7,11 +7,14 @@ Layout under the storage root::
     quarantine/          refused instances with a ``.json`` reason beside each (when enabled)
     index.sqlite         the index (WAL, synchronous=FULL)
 
-A store is: the received file (pynetdicom writes it into ``incoming/``) hashed and fsynced, renamed
-into ``series/``, the directory fsynced, then inserted into the index and committed; a file from
-elsewhere is first copied into ``incoming/`` while hashing. A crash between rename and commit leaves a
-file the index does not know; `Spool.open` indexes such files again (they were never
-acknowledged, so the sender re-sends and the duplicate check answers success).
+A store is: the received file (pynetdicom writes it into ``incoming/``) hashed and fsynced, then, in
+one index transaction (BEGIN IMMEDIATE: the receiver's process and the daemon's serialise on it),
+linked into ``series/`` without replacing anything, the directory fsynced, the rows inserted and
+committed; a file from elsewhere is first copied into ``incoming/`` while hashing. A name already on
+disk but not in the index (a released series' file not yet deleted, or a crash's leftover) is never
+overwritten: the new file takes a name of its own. A crash between link and commit leaves a file the
+index does not know; `Spool.open` indexes such files again (they were never acknowledged, so the
+sender re-sends and the duplicate check answers success).
 """
 
 from __future__ import annotations
@@ -141,6 +144,20 @@ def _hash_and_fsync(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _link_new(src: Path, folder: Path, stem: str) -> Path:
+    """``src`` under ``folder`` as ``<stem>.dcm``, or ``<stem>.<random>.dcm`` when that name is
+    taken: a hard link never replaces a file (a name on disk the index does not list may still be
+    deleted by a release in progress, and must not take a new instance with it)."""
+    name = f"{stem}.dcm"
+    while True:
+        final = folder / name
+        try:
+            os.link(src, final)
+            return final
+        except FileExistsError:
+            name = f"{stem}.{uuid.uuid4().hex[:12]}.dcm"
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -164,12 +181,16 @@ class Spool(Store):
         self.quarantine_dir = self.root / "quarantine"
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def open(self) -> Spool:
+    def open(self, recover: bool = True) -> Spool:
+        """``recover``: clear ``incoming/`` and index the files a crash left (the daemon, once at
+        start, before anything is received); the receiver's process opens with False."""
         for d in (self.root, self.incoming, self.series_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._open_db()
-        self._clear_incoming()
-        self._recover_orphans()
+        if recover:
+            self._clear_incoming()
+            self._finish_cut_releases()
+            self._recover_orphans()
         return self
 
     def _clear_incoming(self) -> None:
@@ -177,6 +198,31 @@ class Spool(Store):
         for part in self.incoming.iterdir():
             if part.is_file():
                 part.unlink(missing_ok=True)
+
+    def _finish_cut_releases(self) -> None:
+        """Rows whose file is gone. A series whose indexed files are all gone was being released
+        when the process died (`release` deletes them before its commit): the release is finished.
+        Otherwise the rows go and it is said loudly: a re-send of those instances is then stored
+        again rather than answered as a duplicate of nothing."""
+        gone: dict[str, list[str]] = {}
+        total: dict[str, int] = {}
+        for series_uid, rel in self.db.execute("SELECT series_uid, path FROM instances").fetchall():
+            total[series_uid] = total.get(series_uid, 0) + 1
+            if not (self.root / rel).exists():
+                gone.setdefault(series_uid, []).append(rel)
+        for series_uid, rels in gone.items():
+            with self._lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany("DELETE FROM instances WHERE path = ?", [(r,) for r in rels])
+                if len(rels) == total[series_uid]:
+                    self.db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
+                self.db.execute("COMMIT")
+            if len(rels) == total[series_uid]:
+                log.warning("spool.release_finished", series_uid=series_uid, instances=len(rels),
+                            note="a release was cut off by a stop; its files were already deleted")
+            else:
+                log.error("spool.files_missing", series_uid=series_uid, missing=len(rels), indexed=total[series_uid],
+                          note="rows of files that are gone were dropped; a re-send is stored again")
 
     def _recover_orphans(self) -> None:
         """Index files renamed into place by a process that died before its commit; delete those
@@ -205,9 +251,18 @@ class Spool(Store):
                 except Exception as exc:  # a file we wrote but cannot read back: keep it, say so
                     log.error("spool.orphan_unreadable", path=rel, error=str(exc))
                     continue
-                version = int(f.stem.rsplit(".v", 1)[1]) if ".v" in f.stem else 1
                 with self._lock:
-                    self._index(header, rel, version, _file_sha256(f), f.stat().st_size, None, None, f.stat().st_mtime)
+                    row = self.db.execute("SELECT max(version) FROM instances WHERE sop_instance_uid = ?",
+                                          (header.sop_instance_uid,)).fetchone()
+                    version = (row[0] or 0) + 1
+                    self.db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._index(header, rel, version, _file_sha256(f), f.stat().st_size, None, None,
+                                    f.stat().st_mtime)
+                        self.db.execute("COMMIT")
+                    except BaseException:
+                        self.db.execute("ROLLBACK")
+                        raise
                 log.warning("spool.orphan_recovered", path=rel, series_uid=header.series_uid)
 
     # ---- storing ---------------------------------------------------------------------------
@@ -270,50 +325,77 @@ class Spool(Store):
         now: float,
     ) -> StoreOutcome:
         with self._lock:
-            versions = self.db.execute(
-                "SELECT version, sha256, path FROM instances WHERE sop_instance_uid = ? ORDER BY version",
-                (header.sop_instance_uid,),
-            ).fetchall()
-            for version, known_sha, rel in versions:
-                if known_sha == sha:
-                    self.db.execute(
-                        "UPDATE series SET last_received = max(last_received, ?) WHERE series_uid = ?",
-                        (now, header.series_uid),
-                    )
-                    return StoreOutcome("duplicate", self.root / rel, version)
-            if not versions:
-                count = self.db.execute(
-                    "SELECT count(DISTINCT sop_instance_uid) FROM instances WHERE series_uid = ?",
-                    (header.series_uid,),
-                ).fetchone()[0]
-                if count >= self.limits.max_instances_per_series:
-                    raise InstanceRefused(
-                        STATUS_OUT_OF_RESOURCES,
-                        "series_limit",
-                        f"series already holds {count} instances, the limit",
-                    )
-            version = versions[-1][0] + 1 if versions else 1
-            series_path = self.series_dir / header.series_uid
-            new_dir = not series_path.exists()
-            series_path.mkdir(exist_ok=True)
-            name = f"{header.sop_instance_uid}.dcm" if version == 1 else f"{header.sop_instance_uid}.v{version}.dcm"
-            final = series_path / name
-            os.replace(tmp, final)
-            fsync_dir(series_path)
-            if new_dir:
-                fsync_dir(self.series_dir)
-            rel = str(final.relative_to(self.root))
-            reopened = self._index(header, rel, version, sha, size, calling_ae, peer_address, now)
-        kind = "stored" if version == 1 else "new_version"
-        if kind == "new_version":
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: every read below is current
+            outcome = None
+            try:
+                outcome = self._commit_locked(tmp, header, sha, size, calling_ae, peer_address, now)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                if outcome is not None and outcome.kind != "duplicate":
+                    outcome.path.unlink(missing_ok=True)  # its row is gone with the rollback
+                raise
+        if outcome.kind == "new_version":
             log.warning(
                 "spool.new_version",
                 sop_instance_uid=header.sop_instance_uid,
                 series_uid=header.series_uid,
-                version=version,
+                version=outcome.version,
                 note="same SOP Instance UID with different bytes; both versions kept, the newest is used",
             )
-        return StoreOutcome(kind, final, version, reopened)
+        return outcome
+
+    def _commit_locked(
+        self,
+        tmp: Path,
+        header: InstanceHeader,
+        sha: str,
+        size: int,
+        calling_ae: str | None,
+        peer_address: str | None,
+        now: float,
+    ) -> StoreOutcome:
+        """The store's part inside the index transaction (the caller holds it and commits)."""
+        db = self.db
+        versions = db.execute(
+            "SELECT version, sha256, path FROM instances WHERE sop_instance_uid = ? ORDER BY version",
+            (header.sop_instance_uid,),
+        ).fetchall()
+        for version, known_sha, rel in versions:
+            if known_sha == sha:
+                db.execute(
+                    "UPDATE series SET last_received = max(last_received, ?) WHERE series_uid = ?",
+                    (now, header.series_uid),
+                )
+                return StoreOutcome("duplicate", self.root / rel, version)
+        if not versions:
+            count = db.execute(
+                "SELECT count(DISTINCT sop_instance_uid) FROM instances WHERE series_uid = ?",
+                (header.series_uid,),
+            ).fetchone()[0]
+            if count >= self.limits.max_instances_per_series:
+                raise InstanceRefused(
+                    STATUS_OUT_OF_RESOURCES,
+                    "series_limit",
+                    f"series already holds {count} instances, the limit",
+                )
+        version = versions[-1][0] + 1 if versions else 1
+        series_path = self.series_dir / header.series_uid
+        new_dir = not series_path.exists()
+        series_path.mkdir(exist_ok=True)
+        stem = header.sop_instance_uid if version == 1 else f"{header.sop_instance_uid}.v{version}"
+        final = _link_new(tmp, series_path, stem)
+        try:
+            fsync_dir(series_path)
+            if new_dir:
+                fsync_dir(self.series_dir)
+            reopened = self._index(header, str(final.relative_to(self.root)), version, sha, size, calling_ae,
+                                   peer_address, now)
+        except BaseException:
+            final.unlink(missing_ok=True)  # not indexed, never acknowledged
+            raise
+        return StoreOutcome("stored" if version == 1 else "new_version", final, version, reopened)
 
     def _index(
         self,
@@ -326,42 +408,36 @@ class Spool(Store):
         peer_address: str | None,
         now: float,
     ) -> bool:
-        """Insert the instance and update its series in one transaction. Caller holds the lock."""
+        """Insert the instance and update its series. The caller holds the lock and the transaction."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        db.execute(
+            "INSERT INTO instances (sop_instance_uid, version, sha256, sop_class_uid, transfer_syntax_uid,"
+            " series_uid, study_uid, path, size, calling_ae, peer_address, received_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                header.sop_instance_uid, version, sha, header.sop_class_uid, header.transfer_syntax_uid,
+                header.series_uid, header.study_uid, rel, size, calling_ae, peer_address, now,
+            ),
+        )
+        row = db.execute("SELECT state FROM series WHERE series_uid = ?", (header.series_uid,)).fetchone()
+        reopened = False
+        if row is None:
             db.execute(
-                "INSERT INTO instances (sop_instance_uid, version, sha256, sop_class_uid, transfer_syntax_uid,"
-                " series_uid, study_uid, path, size, calling_ae, peer_address, received_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    header.sop_instance_uid, version, sha, header.sop_class_uid, header.transfer_syntax_uid,
-                    header.series_uid, header.study_uid, rel, size, calling_ae, peer_address, now,
-                ),
+                "INSERT INTO series (series_uid, study_uid, modality, calling_ae, first_received,"
+                " last_received, expected_count, state) VALUES (?,?,?,?,?,?,?,?)",
+                (header.series_uid, header.study_uid, header.modality, calling_ae, now, now,
+                 header.expected_count, RECEIVING),
             )
-            row = db.execute("SELECT state FROM series WHERE series_uid = ?", (header.series_uid,)).fetchone()
-            reopened = False
-            if row is None:
-                db.execute(
-                    "INSERT INTO series (series_uid, study_uid, modality, calling_ae, first_received,"
-                    " last_received, expected_count, state) VALUES (?,?,?,?,?,?,?,?)",
-                    (header.series_uid, header.study_uid, header.modality, calling_ae, now, now,
-                     header.expected_count, RECEIVING),
-                )
-            else:
-                reopened = row[0] != RECEIVING
-                db.execute(
-                    "UPDATE series SET last_received = max(last_received, ?),"
-                    " expected_count = coalesce(expected_count, ?),"
-                    " state = ?, reason = CASE WHEN ? THEN NULL ELSE reason END,"
-                    " generation = generation + ?, completed_at = CASE WHEN ? THEN NULL ELSE completed_at END"
-                    " WHERE series_uid = ?",
-                    (now, header.expected_count, RECEIVING, reopened, int(reopened), reopened, header.series_uid),
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        else:
+            reopened = row[0] != RECEIVING
+            db.execute(
+                "UPDATE series SET last_received = max(last_received, ?),"
+                " expected_count = coalesce(expected_count, ?),"
+                " state = ?, reason = CASE WHEN ? THEN NULL ELSE reason END,"
+                " generation = generation + ?, completed_at = CASE WHEN ? THEN NULL ELSE completed_at END"
+                " WHERE series_uid = ?",
+                (now, header.expected_count, RECEIVING, reopened, int(reopened), reopened, header.series_uid),
+            )
         if reopened:
             log.warning("series.reopened", series_uid=header.series_uid, previous_state=row[0])
         return reopened
@@ -445,21 +521,29 @@ class Spool(Store):
 
     def release(self, series_uid: str, generation: int) -> int:
         """Delete the received instances of a series whose results were delivered; returns how many
-        files were removed. Does nothing if instances arrived since (another generation)."""
+        files were removed. Does nothing if instances arrived since (another generation).
+
+        Rows and files go inside one write transaction: a store (in the receiver's process) waits
+        for it, so a re-send arriving meanwhile is stored afresh after it, never deleted with it.
+        A crash before the commit leaves rows whose files are gone; the next start finishes the
+        release (`_finish_cut_releases`)."""
         with self._lock:
-            row = self.db.execute("SELECT generation FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
-            if row is None or row[0] != generation:
-                return 0
-            rels = [r[0] for r in self.db.execute("SELECT path FROM instances WHERE series_uid = ?", (series_uid,))]
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
-            self.db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
-            self.db.execute("COMMIT")
-            # Still under the lock, so a re-send of one of these instances cannot be stored (and
-            # acknowledged) in between and then deleted. A crash half-way leaves files of a
-            # released series, which the next start deletes (`_recover_orphans`).
-            for rel in rels:
-                (self.root / rel).unlink(missing_ok=True)
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT generation FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+                if row is None or row[0] != generation:
+                    db.execute("ROLLBACK")
+                    return 0
+                rels = [r[0] for r in db.execute("SELECT path FROM instances WHERE series_uid = ?", (series_uid,))]
+                db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+                db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
+                for rel in rels:
+                    (self.root / rel).unlink(missing_ok=True)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             try:
                 (self.series_dir / series_uid).rmdir()
             except OSError:

@@ -164,3 +164,45 @@ def test_release_does_nothing_when_instances_arrived_since(tmp_path, series):
     sp.store(series[0], _header(series[0]))
     uid = _header(series[0]).series_uid
     assert sp.release(uid, generation=1) == 0 and len(_files(sp)) == 1
+
+
+def test_a_name_on_disk_the_index_does_not_list_is_never_overwritten(tmp_path, series):
+    # E.g. a released series' file that the release (in the daemon's process) has not deleted
+    # yet while the receiver's process stores a re-send: the new instance takes another name.
+    sp = _spool(tmp_path)
+    h = _header(series[0])
+    taken = sp.series_dir / h.series_uid / f"{h.sop_instance_uid}.dcm"
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"left by someone else")
+    out = sp.store(series[0], h)
+    assert out.kind == "stored" and out.path != taken
+    assert out.path.read_bytes() == series[0].read_bytes() and taken.read_bytes() == b"left by someone else"
+    assert sp.instance_paths(h.series_uid) == [out.path]
+    assert sp.store(series[0], h).kind == "duplicate"
+
+
+def test_a_release_cut_off_before_its_commit_is_finished_at_open(tmp_path, series):
+    sp = _spool(tmp_path)
+    for p in series:
+        sp.store(p, _header(p))
+    uid = _header(series[0]).series_uid
+    for f in sp.instance_paths(uid):  # `release` deletes the files, then the process dies
+        f.unlink()
+    sp.close()
+    sp = _spool(tmp_path)
+    row = sp.series(uid)
+    assert row.state == "released" and row.instance_count == 0
+    assert sp.store(series[0], _header(series[0])).kind == "stored"  # a re-send is new data
+
+
+def test_an_indexed_file_that_is_gone_is_forgotten_so_its_resend_is_stored(tmp_path, series):
+    sp = _spool(tmp_path)
+    for p in series:
+        sp.store(p, _header(p))
+    uid = _header(series[0]).series_uid
+    sp.instance_paths(uid)[1].unlink()
+    sp.close()
+    sp = _spool(tmp_path)
+    assert sp.series(uid).state == RECEIVING and sp.series(uid).instance_count == len(series) - 1
+    assert sp.store(series[1], _header(series[1])).kind == "stored"
+    assert sp.series(uid).instance_count == len(series)
