@@ -8,8 +8,9 @@ fires wins, and its name goes into the ``series.received`` event (``why``):
 - ``idle``: ``idle_seconds`` passed with no new instance.
 
 The spool's index holds the times, so completion survives a restart: a series that was receiving
-goes on timing from its last instance (by the idle rule: releases are not persisted), and one that
-was complete but not yet handed on is handed on again.
+goes on timing from its last instance or from the restart, whichever is later (by the idle rule:
+releases are not persisted; while the appliance was down its sender could not send, and a sender
+cut off mid-series sends again), and one that was complete but not yet handed on is handed on again.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ log = get_logger(__name__)
 
 
 def is_due(row: SeriesRow, now: float, idle_seconds: float, released_at: float | None = None,
-           grace_s: float = 0.0) -> str | None:
+           grace_s: float = 0.0, idle_since: float = 0.0) -> str | None:
     """Why ``row`` is complete at ``now`` ("expected_count", "released" or "idle"), or None.
-    ``released_at``: when the last association storing into it was released (None: not released)."""
+    ``released_at``: when the last association storing into it was released (None: not released);
+    ``idle_since``: the idle time counts from no earlier than this (the restart)."""
     if row.expected_count and row.instance_count >= row.expected_count:
         return "expected_count"
     if released_at is not None and row.last_received <= released_at and now - released_at >= grace_s:
         return "released"
-    if now - row.last_received >= idle_seconds:
+    if now - max(row.last_received, idle_since) >= idle_seconds:
         return "idle"
     return None
 
@@ -53,6 +55,7 @@ class CompletionWatcher(BackgroundLoop):
         self._released: dict[str, float] = {}
         self._released_lock = threading.Lock()
         self.why: dict[str, str] = {}  # series uid -> the rule that completed it (read by on_complete)
+        self._idle_since = 0.0  # the restart: idle time before it does not count
 
     def released(self, series_uids: list[str], now: float | None = None) -> None:
         """The senders of these series released their associations (from the SCP's thread)."""
@@ -76,7 +79,8 @@ class CompletionWatcher(BackgroundLoop):
         with self._released_lock:
             released = dict(self._released)
         for row in self.spool.series_in_state(RECEIVING):
-            why = is_due(row, now, self.cfg.idle_seconds, released.get(row.series_uid), self.cfg.release_grace_s)
+            why = is_due(row, now, self.cfg.idle_seconds, released.get(row.series_uid), self.cfg.release_grace_s,
+                         self._idle_since)
             if why != "released" and row.series_uid in released and row.last_received > released[row.series_uid]:
                 with self._released_lock:  # an instance came after the release: that release is spent
                     if self._released.get(row.series_uid) == released[row.series_uid]:
@@ -93,8 +97,10 @@ class CompletionWatcher(BackgroundLoop):
                 self._hand_on(row)
         return done
 
-    def resume_after_restart(self) -> list[SeriesRow]:
-        """Hand on series that were complete when the previous process stopped."""
+    def resume_after_restart(self, now: float | None = None) -> list[SeriesRow]:
+        """Hand on series that were complete when the previous process stopped; those still
+        receiving time their idle from now."""
+        self._idle_since = time.time() if now is None else now
         rows = self.spool.series_in_state(COMPLETE)
         for row in rows:
             log.info("series.resumed", series_uid=row.series_uid, instances=row.instance_count)

@@ -52,7 +52,7 @@ def test_expected_count_completes_without_waiting(tmp_path, paths):
     assert sp.series(uid).expected_count == len(paths)
 
 
-def test_completion_survives_a_restart(tmp_path, paths):
+def test_completion_survives_a_restart_and_idle_counts_from_it(tmp_path, paths):
     root = tmp_path / "spool"
     sp = Spool(root, LimitsConfig(free_space_reserve_bytes=0)).open()
     uid = _store(sp, paths[0], now=1000.0)
@@ -66,6 +66,8 @@ def test_completion_survives_a_restart(tmp_path, paths):
 
     sp = Spool(root, LimitsConfig(free_space_reserve_bytes=0)).open()
     w, done = _watcher(sp, idle=5.0)
-    assert [r.series_uid for r in w.resume_after_restart()] == [uid]  # complete, not yet handed on
-    assert [r.series_uid for r in w.poll_once(now=1010.0)] == [uid2]  # timer kept across restart
+    assert [r.series_uid for r in w.resume_after_restart(now=1020.0)] == [uid]  # complete, not yet handed on
+    # Still receiving: its idle time counts from the restart (its sender could not send meanwhile).
+    assert w.poll_once(now=1024.0) == []
+    assert [r.series_uid for r in w.poll_once(now=1025.0)] == [uid2]
     assert len(done) == 2
