@@ -42,6 +42,10 @@ class NodeConfig(_Section):
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
     max_pdu_bytes: int = Field(0, ge=0, description="0: unlimited")
+    process: bool = Field(
+        True, description="receive in a process of its own (the association threads then never wait for the "
+        "daemon's interpreter lock while it derives); false: threads of the daemon"
+    )
 
     @field_validator("ae_title")
     @classmethod

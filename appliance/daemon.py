@@ -14,6 +14,7 @@ state is the record.
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import threading
@@ -62,18 +63,22 @@ class Daemon:
         self.jobs = JobQueue(root / "jobs.sqlite")
         self.outbox = Outbox(root)
         self.publisher = Publisher(cfg.events, appliance=cfg.node.ae_title)
-        self.scp = StorageSCP(cfg, self.spool, on_stored=self._on_stored, on_released=self._on_released)
+        log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        if cfg.node.process:
+            from appliance.dicom.scp_process import ReceiverProcess
+
+            self.scp = ReceiverProcess(cfg, on_stored=self._on_stored, on_released=self._on_released,
+                                       log_level=log_level)
+        else:
+            self.scp = StorageSCP(cfg, self.spool, on_stored=self._on_stored, on_released=self._on_released)
         self.watcher = CompletionWatcher(self.spool, cfg.completion, on_complete=self._on_complete)
         self.worker = Worker(cfg, self.spool, self.jobs, self.outbox, self.publisher, self.pipelines,
                              on_exporting=self._on_exporting)
         if cfg.export.process:
-            import logging
-
             from appliance.dicom.export_process import ExporterProcess
 
             self.exporter = ExporterProcess(cfg, self.outbox, on_sent=self._on_export_sent,
-                                            on_gave_up=self._on_export_gave_up,
-                                            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+                                            on_gave_up=self._on_export_gave_up, log_level=log_level)
         else:
             self.exporter = Exporter(self.outbox, cfg.destinations, cfg.export, cfg.node.ae_title,
                                      on_sent=self._on_export_sent, on_gave_up=self._on_export_gave_up)
@@ -346,7 +351,7 @@ class Daemon:
         """For the systemd watchdog: every thread of the data path is alive."""
         assembler_alive = self._assembler is not None and self._assembler.is_alive()
         return (assembler_alive and self.worker.alive and self.exporter.alive and self.watcher.alive
-                and not self._stopped.is_set())
+                and self.scp.alive and not self._stopped.is_set())
 
     def _health_loop(self) -> None:
         while not self._stopped.wait(self.cfg.events.health_interval_s):

@@ -17,35 +17,19 @@ behind; what it had confirmed is in the outbox (see `export` for the durability 
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
-import signal
 import threading
 from collections.abc import Callable
 
+from appliance.children import child_setup
 from appliance.config import ApplianceConfig
 from appliance.dicom.export import Entry, Exporter, Outbox
 from appliance.logging import get_logger
 
 log = get_logger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the pipe's EOF still stops the loop below
-
-
 def _child(cfg_json: str, log_level: str, conn) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from appliance.logging import configure
-
-    configure(log_level)
+    child_setup(log_level)
     cfg = ApplianceConfig.model_validate_json(cfg_json)
     outbox = Outbox(cfg.storage.root).open()
     lock = threading.Lock()

@@ -131,6 +131,10 @@ class StorageSCP:
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.cfg.node.port
 
+    @property
+    def alive(self) -> bool:
+        return self._server is not None
+
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting, let running associations finish (up to the timeout), then abort the rest."""
         if self._server is None:

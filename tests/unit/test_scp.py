@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -172,3 +175,34 @@ def test_full_disk_gets_A700_and_leaves_nothing_partial(tmp_path, cfg):
         assert echo("127.0.0.1", d.scp.port) == 0
     finally:
         d.stop(5)
+
+
+def test_the_receiver_is_a_process_of_its_own_and_its_loss_makes_the_daemon_unhealthy(tmp_path, cfg):
+    cfg.routes = []
+    d = Daemon(cfg)
+    d.start()
+    try:
+        assert d.healthy() and d.scp.pid not in (None, os.getpid())
+        _, paths = _series(tmp_path, "rx", n=3)
+        assert send_folder(tmp_path / "rx", "127.0.0.1", d.scp.port).sent == 3
+        assert _wait_state(d, str(pydicom.dcmread(paths[0]).SeriesInstanceUID)).instance_count == 3
+        os.kill(d.scp.pid, signal.SIGKILL)  # the watchdog then restarts the whole unit
+        deadline = time.monotonic() + 10
+        while d.healthy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not d.healthy()
+    finally:
+        d.stop(5)
+
+
+def test_a_port_already_taken_fails_the_start_with_the_reason(cfg):
+    cfg.routes = []
+    with socket.socket() as taken:
+        taken.bind((cfg.node.bind_address, cfg.node.port))
+        taken.listen()
+        d = Daemon(cfg)
+        try:
+            with pytest.raises(RuntimeError, match="could not listen.*(in use|Errno 98)"):
+                d.start()
+        finally:
+            d.stop(5)
