@@ -40,7 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage
@@ -58,6 +61,8 @@ _STORED_LEVELS = 65000.0  # of 65536: leaves a margin for DS rounding of slope a
 _MARGIN_LEVELS = 16
 
 # Attributes recomputed for each derived instance, or wrong for it; see the module docstring.
+_PIXEL_DATA = 0x7FE00010
+
 _DROPPED = (
     # pixel data and stored-value description
     "PixelData", "FloatPixelData", "DoubleFloatPixelData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
@@ -211,6 +216,15 @@ def _classic_mr_sequence(header: Dataset) -> tuple[list[str], list[str]]:
     return scanning, variant
 
 
+def _is_sequence(raw) -> bool:
+    if raw.VR is not None:
+        return raw.VR == "SQ"
+    try:  # Implicit VR: the dictionary says
+        return dictionary_VR(raw.tag) == "SQ"
+    except KeyError:
+        return False
+
+
 def _base_dataset(volume: Volume, sop_class: str) -> Dataset:
     """The source header made into the shared part of every derived instance."""
     header = volume.header if volume.header is not None else Dataset()
@@ -218,14 +232,26 @@ def _base_dataset(volume: Volume, sop_class: str) -> Dataset:
     lifted = {kw: _functional_group_value(header, frame, seq, inner) for kw, seq, inner in _LIFTED if kw not in header}
     mr_sequence = _classic_mr_sequence(header) if sop_class == MRImageStorage else None
     ds = Dataset()
-    for elem in header:  # a fresh copy: the assembler's header is shared and must not change
-        tag = elem.tag
+    if header.original_encoding == (False, True):
+        # The source's elements not decoded yet are copied as the bytes they are and written back
+        # as such (the derived file is Explicit VR Little Endian too): no decode and re-encode of
+        # ~100 elements per instance. Any other source encoding is decoded and re-encoded.
+        ds.set_original_encoding(False, True, header.original_character_set)
+    for tag in header.keys():  # a fresh copy: the assembler's header is shared and must not change
         if tag.is_private or tag.group == 0x0002 or tag.element == 0 or (tag.group & 0xFF00) in (0x5000, 0x6000):
             continue  # private data, file meta, group lengths, curves and overlays of the first slice
-        # Values are replaced here, never changed in place, so only sequences (datasets inside)
-        # need a deep copy; a shallow copy of the element keeps the source's value objects.
-        ds.add(copy.deepcopy(elem) if elem.VR == "SQ" else copy.copy(elem))
-    ds.remove_private_tags()
+        elem = header.get_item(tag)
+        if elem.is_raw and not _is_sequence(elem):  # immutable bytes: shared, never changed
+            ds[tag] = elem
+            continue
+        elem = header[tag]
+        if elem.VR == "SQ":  # decoded, copied deep, and without the private data inside
+            elem = copy.deepcopy(elem)
+            for item in elem.value:
+                item.remove_private_tags()
+            ds.add(elem)
+        else:  # values are replaced here, never changed in place: a shallow copy will do
+            ds.add(copy.copy(elem))
     for keyword in _DROPPED:
         if keyword in ds:
             delattr(ds, keyword)
@@ -400,13 +426,24 @@ def derive_datasets(
         ds.ImagePositionPatient = [_ds(v) for v in position]
         if not per_slice or "SliceLocation" not in ds:
             ds.SliceLocation = _ds(float(position @ normal))
-        ds.PixelData = _stored(voxels[k], *rescale).tobytes()
+        ds[_PIXEL_DATA] = DataElement(_PIXEL_DATA, "OW", _stored(voxels[k], *rescale).tobytes())
+        _resolve_ambiguous_vrs(ds)
         ds.file_meta = _file_meta(sop_class, sop_uid)
         out.append(ds)
     log.info("derive.series", source_series_uid=src.series_uid, derived_series_uid=str(out[0].SeriesInstanceUID) if out else None,
              label=volume.label, pipeline=pipeline, version=version, instances=n, sop_class=str(sop_class),
              rescale="per slice" if per_slice else list(whole_rescale[:2]), referenced_per_slice=one_to_one)
     return out
+
+
+def _resolve_ambiguous_vrs(ds: Dataset) -> None:
+    """Elements set here whose dictionary VR is ambiguous ("US or SS"...) get the one their
+    dataset calls for. pydicom does this itself only when it decodes everything for writing,
+    which a dataset written with its source's raw elements skips."""
+    for tag in ds.keys():
+        elem = ds.get_item(tag)
+        if not elem.is_raw and " or " in (elem.VR or ""):
+            correct_ambiguous_vr_element(elem, ds, True)
 
 
 def _source_instance_number(ds: Dataset) -> int | None:
