@@ -4,6 +4,11 @@
         -> routing -> job -> worker (stages, derive, slab by slab) -> outbox -> exporter (C-STORE)
         -> release of the received instances
 
+Three processes by default: the receiver (SCP and spool, `dicom.scp_process`), this one (assembler,
+completion, worker, events) and the exporter (`dicom.export_process`). They share only SQLite
+state and files, and talk over pipes in one direction each: stored instances' headers from the
+receiver, wake-ups to and delivery reports from the exporter.
+
 A series whose pipeline streams goes through slab by slab while it arrives (`dicom.stream`); any
 other series, and any series that leaves the streaming path, is one slab = the whole series.
 

@@ -35,7 +35,7 @@ from pynetdicom import AE
 from appliance.background import BackgroundLoop
 from appliance.config import Destination, ExportConfig
 from appliance.db import Store
-from appliance.dicom.scu import NODELAY
+from appliance.dicom.scu import NODELAY, MessageIds, close_parked, park_reactor, usable
 from appliance.logging import get_logger
 
 log = get_logger(__name__)
@@ -267,11 +267,13 @@ class Link:
         if not self.assoc.is_established:
             raise DeliveryError(f"no association with {destination.ae_title}@{destination.host}:{destination.port}")
         self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in self.assoc.accepted_contexts}
+        self._checkpoint = park_reactor(self.assoc)
+        self._next_id = MessageIds()
         self.last_used = time.monotonic()
 
     @property
     def alive(self) -> bool:
-        return self.assoc.is_established
+        return usable(self.assoc)
 
     def send(self, path: Path) -> None:
         """C-STORE one file; raises DeliveryError unless the peer answers success or warning."""
@@ -283,7 +285,7 @@ class Link:
         # decodes the file and encodes it in the one the peer accepted.
         what = path if (sop_class, syntax) in self.accepted else pydicom.dcmread(path)
         try:
-            status = self.assoc.send_c_store(what)
+            status = self.assoc.send_c_store(what, msg_id=self._next_id())
         except Exception as exc:
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
         self.last_used = time.monotonic()
@@ -294,8 +296,12 @@ class Link:
             raise DeliveryError(f"peer answered 0x{code:04X} {status.get('ErrorComment', '')}".strip())
 
     def close(self) -> None:
-        if self.assoc.is_established:
-            self.assoc.release()
+        close_parked(self.assoc, self._checkpoint)
+
+    def abort(self) -> None:
+        self.assoc.abort()
+        if self._checkpoint is not None:
+            self._checkpoint.unpark()
 
 
 def store_series(
@@ -356,7 +362,7 @@ class Exporter(BackgroundLoop):
             try:
                 link.close()
             except Exception:
-                link.assoc.abort()
+                link.abort()
 
     def attempt(self, entry: Entry) -> bool:
         """Send what the entry has that its destination has not confirmed (counted in

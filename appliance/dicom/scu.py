@@ -6,12 +6,14 @@ threads); each association proposes exactly the (SOP class, transfer syntax) pai
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 from pynetdicom import AE, _config, evt
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import Verification
 
 from appliance.logging import get_logger
@@ -32,6 +34,89 @@ def _nodelay(event: evt.Event) -> None:
 
 
 NODELAY = [(evt.EVT_CONN_OPEN, _nodelay)]
+
+
+class _ParkedCheckpoint(threading.Event):
+    """A requestor association's reactor checkpoint that keeps pynetdicom's reactor parked for as
+    long as the one thread using the association sends on it.
+
+    Why: for each operation pynetdicom pauses the association's reactor (``clear()``, then polls
+    ``_is_paused``) and restarts it afterwards (``set()``). The poll can still read the True of the
+    previous pause while the reactor has not yet woken from the previous ``set()``; the reactor then
+    takes the next response off the queue ("Received unexpected C-STORE service message") and the
+    operation waits out its DIMSE timeout. Seen in the 2-core bench under load: a 30 s export stall
+    and one instance stored twice at the console. Parked, the reactor never reads the queue; it is
+    woken only to release, abort or end the association (`close_parked`)."""
+
+    def __init__(self, assoc) -> None:
+        super().__init__()
+        self._assoc = assoc
+        self.parked = True
+        self.reactor_waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.reactor_waiting.set()
+        try:
+            return super().wait(timeout)
+        finally:
+            self.reactor_waiting.clear()
+
+    def set(self) -> None:
+        a = self._assoc
+        if self.parked and a.is_established and not (a._kill or a._sent_abort or a.is_released):
+            return  # an operation ended: the reactor stays parked
+        super().set()
+
+    def unpark(self) -> None:
+        self.parked = False
+        super().set()
+
+
+def park_reactor(assoc, timeout_s: float = 5.0) -> _ParkedCheckpoint | None:
+    """Park an established requestor association's reactor (see `_ParkedCheckpoint`) before the
+    first operation; None when it is not established."""
+    if not assoc.is_established:
+        return None
+    checkpoint = _ParkedCheckpoint(assoc)
+    previous, assoc._reactor_checkpoint = assoc._reactor_checkpoint, checkpoint
+    previous.set()  # it is set already; the reactor ends its round and waits on the new one
+    if not checkpoint.reactor_waiting.wait(timeout_s):
+        log.warning("scu.reactor_not_parked", note="the association's reactor did not reach its checkpoint")
+    return checkpoint
+
+
+def peer_closing(assoc) -> bool:
+    """The peer aborted or asked to release (what the parked reactor would otherwise notice)."""
+    return isinstance(assoc.dul.peek_next_pdu(), (A_ABORT, A_P_ABORT, A_RELEASE))
+
+
+def usable(assoc) -> bool:
+    return assoc.is_established and assoc.dul.is_alive() and not peer_closing(assoc)
+
+
+def close_parked(assoc, checkpoint: _ParkedCheckpoint | None, timeout_s: float = 10.0) -> None:
+    """Release a parked association (or, when the peer is closing it, let the reactor answer),
+    and wake the reactor so that its thread ends."""
+    try:
+        if usable(assoc):
+            assoc.release()
+    finally:
+        if checkpoint is not None:
+            checkpoint.unpark()
+        assoc.join(timeout_s)
+
+
+class MessageIds:
+    """Message IDs for the operations of one association: 1, 2, ... (PS3.7 9.1.1.1.1: unique
+    among the operations in progress; kept distinct so a late response cannot be taken for the
+    next one's)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __call__(self) -> int:
+        self._next = self._next % 0xFFFF + 1
+        return self._next
 
 
 class SendError(Exception):
@@ -109,13 +194,15 @@ def send_folder(
         if not assoc.is_established:
             report.failed.extend((f[0], "association refused or peer unreachable") for f in files)
             continue
+        checkpoint = park_reactor(assoc)
+        next_id = MessageIds()
         try:
             for path, *_ in files:
-                if not assoc.is_established:
+                if not usable(assoc):
                     report.failed.append((path, "association lost"))
                     continue
                 try:
-                    status = assoc.send_c_store(path)
+                    status = assoc.send_c_store(path, msg_id=next_id())
                 except Exception as exc:
                     report.failed.append((path, f"{type(exc).__name__}: {exc}"))
                     continue
@@ -126,7 +213,6 @@ def send_folder(
                     comment = str(status.get("ErrorComment", "")) if status else ""
                     report.failed.append((path, f"status 0x{code:04X} {comment}".strip() if code is not None else "no response"))
         finally:
-            if assoc.is_established:
-                assoc.release()
+            close_parked(assoc, checkpoint)
         log.info("scu.series_sent", series_uid=series_uid, instances=len(files))
     return report
