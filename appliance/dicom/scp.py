@@ -1,8 +1,9 @@
 """The Storage SCP: a thin skin of pynetdicom event handlers.
 
 Each handler does one thing and returns a DICOM status. C-STORE checks the header
-(`validate.read_header`), writes the instance to the spool and returns: no pixel decoding and no
-heavy work on the association thread. Peers not allowed by the configuration are refused at
+(`validate.read_header`) while a helper thread hashes and fsyncs the received file (both wait on
+different things: the parse on the interpreter, the fsync on the disk), writes the instance to the
+spool and returns: no pixel decoding and no heavy work on the association thread. Peers not allowed by the configuration are refused at
 association time (A-ASSOCIATE-RJ).
 """
 
@@ -16,6 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -24,7 +26,7 @@ from pynetdicom.sop_class import Verification
 
 from appliance.config import ApplianceConfig
 from appliance.dicom.sop import STORAGE_SOP_CLASSES, accepted_transfer_syntaxes
-from appliance.dicom.spool import Spool, StoreOutcome
+from appliance.dicom.spool import Spool, StoreOutcome, hash_and_fsync
 from appliance.dicom.validate import (STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, InstanceHeader,
                                       InstanceRefused, read_header)
 from appliance.logging import get_logger
@@ -85,6 +87,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._assoc_series: dict[int, set[str]] = defaultdict(set)  # id(association) -> series it stored into
         self._series_assocs: dict[str, int] = defaultdict(int)  # series -> associations storing into it
+        self._fsyncs = ThreadPoolExecutor(max_workers=cfg.node.max_associations, thread_name_prefix="scp-fsync")
 
     def _make_ae(self) -> AE:
         node = self.cfg.node
@@ -148,6 +151,7 @@ class StorageSCP:
         leftover = [a for a in active if a.is_alive()]
         for assoc in leftover:
             assoc.abort()
+        self._fsyncs.shutdown(wait=True)
         log.info("scp.stopped", drained=len(active) - len(leftover), aborted=len(leftover))
 
     # ---- handlers --------------------------------------------------------------------------
@@ -213,6 +217,7 @@ class StorageSCP:
         address = requestor.address
         path = Path(event.dataset_path)
         request = event.request
+        prepared = self._fsyncs.submit(hash_and_fsync, path)
         try:
             header = read_header(
                 path,
@@ -220,7 +225,7 @@ class StorageSCP:
                 str(request.AffectedSOPInstanceUID),
                 self.cfg.completion.expected_count_tags,
             )
-            outcome = self.spool.store(path, header, calling, address, move=True)
+            outcome = self.spool.store(path, header, calling, address, move=True, sha256=prepared.result())
         except InstanceRefused as refusal:
             log.warning("scp.instance_refused", reason=refusal.reason, detail=refusal.detail,
                         status=f"0x{refusal.status:04X}", calling_ae=calling,
@@ -233,6 +238,8 @@ class StorageSCP:
         except Exception as exc:  # never let one instance take the association down unanswered
             log.exception("scp.store_failed", calling_ae=calling)
             return _status(STATUS_CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}")
+        finally:
+            prepared.exception()  # the helper is done with the file before pynetdicom removes it
         log.debug("scp.stored", kind=outcome.kind, series_uid=header.series_uid,
                   sop_instance_uid=header.sop_instance_uid)
         self._track(event.assoc, header.series_uid)

@@ -133,9 +133,10 @@ def _copy_hashing(src: Path, dst: Path) -> str:
     return digest.hexdigest()
 
 
-def _hash_and_fsync(path: Path) -> str:
+def hash_and_fsync(path: Path) -> str:
     """sha256 of a file written by someone else (the bytes are still in the page cache), and the
-    file fsynced, before it is renamed into place."""
+    file fsynced, before it is linked into place. Both release the interpreter lock: the receiver
+    runs this beside its header parse (`scp.StorageSCP`)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -284,13 +285,15 @@ class Spool(Store):
         peer_address: str | None = None,
         now: float | None = None,
         move: bool = False,
+        sha256: str | None = None,
     ) -> StoreOutcome:
         """Store a received file durably and index it; returns once both are on disk.
 
         ``move``: ``src`` is the receiver's own temporary file (pynetdicom's chunked dataset file,
-        written into ``incoming/``): it is hashed and fsynced where it lies and renamed into the
-        series folder, never copied. Otherwise (or when ``src`` is on another file system) it is
-        copied into ``incoming/`` while hashing."""
+        written into ``incoming/``): it is hashed and fsynced where it lies and linked into the
+        series folder, never copied; ``sha256``: the caller did that already (`hash_and_fsync`).
+        Otherwise (or when ``src`` is on another file system) it is copied into ``incoming/`` while
+        hashing."""
         size = os.path.getsize(src)
         if size > self.limits.max_bytes_per_instance:
             raise InstanceRefused(
@@ -301,7 +304,7 @@ class Spool(Store):
         self._ensure_space(size)
         try:
             if move and os.stat(src).st_dev == os.stat(self.incoming).st_dev:
-                tmp, sha = Path(src), _hash_and_fsync(src)
+                tmp, sha = Path(src), sha256 or hash_and_fsync(src)
             else:
                 tmp = self.incoming / f"{uuid.uuid4().hex}.part"
                 sha = _copy_hashing(src, tmp)

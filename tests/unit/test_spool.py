@@ -206,3 +206,14 @@ def test_an_indexed_file_that_is_gone_is_forgotten_so_its_resend_is_stored(tmp_p
     assert sp.series(uid).state == RECEIVING and sp.series(uid).instance_count == len(series) - 1
     assert sp.store(series[1], _header(series[1])).kind == "stored"
     assert sp.series(uid).instance_count == len(series)
+
+
+def test_a_file_hashed_and_fsynced_by_the_receiver_is_linked_in_without_a_second_read(tmp_path, series):
+    sp = _spool(tmp_path)
+    received = sp.incoming / "recv-1.dcm"  # as pynetdicom leaves it for the C-STORE handler
+    shutil.copyfile(series[0], received)
+    sha = spool_mod.hash_and_fsync(received)
+    out = sp.store(received, _header(series[0]), move=True, sha256=sha)
+    assert out.kind == "stored" and out.path.read_bytes() == series[0].read_bytes()
+    assert not received.exists()  # linked in, the receiver's name gone: no copy
+    assert sp.db.execute("SELECT sha256 FROM instances").fetchone()[0] == sha
