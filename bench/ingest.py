@@ -1,6 +1,8 @@
 """Ingest throughput: the same study, sent by the same sender (dcmtk storescu, one association),
-into the appliance's SCP and into dcmtk's storescp on the same machine; and export throughput: the
-same files sent into that storescp by the appliance's exporter and by dcmtk storescu.
+into the appliance's SCP, into dcmtk's storescp and into a bare pynetdicom storage SCP (the library
+the appliance receives with, its handler answering success at once: the floor of that library on
+this machine) on the same machine; and export throughput: the same files sent into that storescp by
+the appliance's exporter and by dcmtk storescu.
 
 A sample is the wall time of one storescu run, from its start to its exit after the last C-STORE
 response (process start and file reading are the same for both receivers, so they cancel in the
@@ -81,7 +83,36 @@ class DcmtkStoreSCP:
 
 
 def steps(plan: Plan) -> int:
-    return 3 * plan.ingest_samples if STORESCU.exists() and STORESCP.exists() else 0
+    return 4 * plan.ingest_samples if STORESCU.exists() and STORESCP.exists() else 0
+
+
+class BarePynetdicomSCP:
+    """pynetdicom's storage SCP with nothing behind it: the dataset is written to a temporary file
+    as the appliance's receiver has it written (chunked), and the handler answers success at once
+    (no parse, no fsync, no index). TCP_NODELAY as the appliance. The same presentation contexts
+    as the appliance's SCP."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, evt
+
+        from appliance.dicom import scp as appliance_scp  # sets the chunked receive, as the appliance
+        from appliance.dicom.sop import STORAGE_SOP_CLASSES, accepted_transfer_syntaxes
+
+        self.ae = AE(ae_title="BARE")
+        self.ae.maximum_pdu_size = 0
+        for sop_class in STORAGE_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class, accepted_transfer_syntaxes())
+        self.port = free_port()
+        self._server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: appliance_scp.set_nodelay(e.assoc)),
+                          (evt.EVT_C_STORE, lambda e: 0x0000)])
+
+    def __enter__(self) -> BarePynetdicomSCP:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
 
 
 def _samples(what: str, transfer: Callable[[Path], None], plan: Plan, bank: StudyBank, progress: Progress,
@@ -142,6 +173,9 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
     finally:
         daemon.stop()
         shutil.rmtree(daemon.workdir / "spool", ignore_errors=True)
+    with BarePynetdicomSCP() as bare:
+        library = _samples("ingest into bare pynetdicom", lambda f: send("dcmtk-storescu", f, bare.port, "BENCH"),
+                           plan, bank, progress, None)
     with DcmtkStoreSCP(Path(work)) as scp:
         theirs = _samples("ingest into dcmtk-storescp", lambda f: send("dcmtk-storescu", f, scp.port, "BENCH"),
                           plan, bank, progress, scp.out)
@@ -157,7 +191,6 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
                         extra={"mb_per_s": float(np.median(samples) * mb)})
 
     peer_result = result("dcmtk-storescp", theirs)
-    ratio = result("appliance", mine).stats.p50 / peer_result.stats.p50
     export = measured(f"ingest/dcmtk-storescp/{label}/appliance-exporter", "ingest",
                       f"send {shape[0]} CT instances of {label} ({nbytes / 1e6:.0f} MB) with the appliance's exporter "
                       "(one association, the files' bytes) into dcmtk storescp",
@@ -166,5 +199,9 @@ def run(cfg: ApplianceConfig, plan: Plan, work: Path, bank: StudyBank, progress:
                       peer=Peer(name="dcmtk storescu", id=peer_result.id, stats=peer_result.stats,
                                 ratio=float(np.median(exported)) / peer_result.stats.p50),
                       extra={"mb_per_s": float(np.median(exported) * mb)})
-    return [result("appliance", mine, Peer(name="dcmtk storescp", id=peer_result.id, stats=peer_result.stats,
-                                           ratio=ratio)), peer_result, export]
+    def against_storescp(samples: list[float]) -> Peer:
+        return Peer(name="dcmtk storescp", id=peer_result.id, stats=peer_result.stats,
+                    ratio=float(np.median(samples)) / peer_result.stats.p50)
+
+    return [result("appliance", mine, against_storescp(mine)), peer_result, export,
+            result("pynetdicom-bare", library, against_storescp(library))]
