@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -212,12 +213,10 @@ class Spool(Store):
             if not (self.root / rel).exists():
                 gone.setdefault(series_uid, []).append(rel)
         for series_uid, rels in gone.items():
-            with self._lock:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany("DELETE FROM instances WHERE path = ?", [(r,) for r in rels])
+            with self._lock, self._transaction() as db:
+                db.executemany("DELETE FROM instances WHERE path = ?", [(r,) for r in rels])
                 if len(rels) == total[series_uid]:
-                    self.db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
-                self.db.execute("COMMIT")
+                    db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
             if len(rels) == total[series_uid]:
                 log.warning("spool.release_finished", series_uid=series_uid, instances=len(rels),
                             note="a release was cut off by a stop; its files were already deleted")
@@ -256,14 +255,9 @@ class Spool(Store):
                     row = self.db.execute("SELECT max(version) FROM instances WHERE sop_instance_uid = ?",
                                           (header.sop_instance_uid,)).fetchone()
                     version = (row[0] or 0) + 1
-                    self.db.execute("BEGIN IMMEDIATE")
-                    try:
+                    with self._transaction():
                         self._index(header, rel, version, _file_sha256(f), f.stat().st_size, None, None,
                                     f.stat().st_mtime)
-                        self.db.execute("COMMIT")
-                    except BaseException:
-                        self.db.execute("ROLLBACK")
-                        raise
                 log.warning("spool.orphan_recovered", path=rel, series_uid=header.series_uid)
 
     # ---- storing ---------------------------------------------------------------------------
@@ -327,78 +321,72 @@ class Spool(Store):
         peer_address: str | None,
         now: float,
     ) -> StoreOutcome:
+        """Link ``tmp`` into the series folder and index it, in one write transaction (taken
+        first, so every read below is current); a duplicate only touches the series' time."""
+        linked: list[Path] = []
         with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")  # the write lock first: every read below is current
-            outcome = None
             try:
-                outcome = self._commit_locked(tmp, header, sha, size, calling_ae, peer_address, now)
-                db.execute("COMMIT")
+                with self._transaction() as db:
+                    versions = db.execute(
+                        "SELECT version, sha256, path FROM instances WHERE sop_instance_uid = ? ORDER BY version",
+                        (header.sop_instance_uid,),
+                    ).fetchall()
+                    for version, known_sha, rel in versions:
+                        if known_sha == sha:
+                            db.execute(
+                                "UPDATE series SET last_received = max(last_received, ?) WHERE series_uid = ?",
+                                (now, header.series_uid),
+                            )
+                            return StoreOutcome("duplicate", self.root / rel, version)
+                    if not versions:
+                        count = db.execute(
+                            "SELECT count(DISTINCT sop_instance_uid) FROM instances WHERE series_uid = ?",
+                            (header.series_uid,),
+                        ).fetchone()[0]
+                        if count >= self.limits.max_instances_per_series:
+                            raise InstanceRefused(
+                                STATUS_OUT_OF_RESOURCES,
+                                "series_limit",
+                                f"series already holds {count} instances, the limit",
+                            )
+                    version = versions[-1][0] + 1 if versions else 1
+                    series_path = self.series_dir / header.series_uid
+                    new_dir = not series_path.exists()
+                    series_path.mkdir(exist_ok=True)
+                    stem = header.sop_instance_uid if version == 1 else f"{header.sop_instance_uid}.v{version}"
+                    final = _link_new(tmp, series_path, stem)
+                    linked.append(final)
+                    fsync_dir(series_path)
+                    if new_dir:
+                        fsync_dir(self.series_dir)
+                    reopened = self._index(header, str(final.relative_to(self.root)), version, sha, size,
+                                           calling_ae, peer_address, now)
             except BaseException:
-                db.execute("ROLLBACK")
-                if outcome is not None and outcome.kind != "duplicate":
-                    outcome.path.unlink(missing_ok=True)  # its row is gone with the rollback
+                for f in linked:  # its row went with the rollback: never indexed, never acknowledged
+                    f.unlink(missing_ok=True)
                 raise
-        if outcome.kind == "new_version":
+        if version > 1:
             log.warning(
                 "spool.new_version",
                 sop_instance_uid=header.sop_instance_uid,
                 series_uid=header.series_uid,
-                version=outcome.version,
+                version=version,
                 note="same SOP Instance UID with different bytes; both versions kept, the newest is used",
             )
-        return outcome
-
-    def _commit_locked(
-        self,
-        tmp: Path,
-        header: InstanceHeader,
-        sha: str,
-        size: int,
-        calling_ae: str | None,
-        peer_address: str | None,
-        now: float,
-    ) -> StoreOutcome:
-        """The store's part inside the index transaction (the caller holds it and commits)."""
-        db = self.db
-        versions = db.execute(
-            "SELECT version, sha256, path FROM instances WHERE sop_instance_uid = ? ORDER BY version",
-            (header.sop_instance_uid,),
-        ).fetchall()
-        for version, known_sha, rel in versions:
-            if known_sha == sha:
-                db.execute(
-                    "UPDATE series SET last_received = max(last_received, ?) WHERE series_uid = ?",
-                    (now, header.series_uid),
-                )
-                return StoreOutcome("duplicate", self.root / rel, version)
-        if not versions:
-            count = db.execute(
-                "SELECT count(DISTINCT sop_instance_uid) FROM instances WHERE series_uid = ?",
-                (header.series_uid,),
-            ).fetchone()[0]
-            if count >= self.limits.max_instances_per_series:
-                raise InstanceRefused(
-                    STATUS_OUT_OF_RESOURCES,
-                    "series_limit",
-                    f"series already holds {count} instances, the limit",
-                )
-        version = versions[-1][0] + 1 if versions else 1
-        series_path = self.series_dir / header.series_uid
-        new_dir = not series_path.exists()
-        series_path.mkdir(exist_ok=True)
-        stem = header.sop_instance_uid if version == 1 else f"{header.sop_instance_uid}.v{version}"
-        final = _link_new(tmp, series_path, stem)
-        try:
-            fsync_dir(series_path)
-            if new_dir:
-                fsync_dir(self.series_dir)
-            reopened = self._index(header, str(final.relative_to(self.root)), version, sha, size, calling_ae,
-                                   peer_address, now)
-        except BaseException:
-            final.unlink(missing_ok=True)  # not indexed, never acknowledged
-            raise
         return StoreOutcome("stored" if version == 1 else "new_version", final, version, reopened)
+
+    @contextmanager
+    def _transaction(self):
+        """BEGIN IMMEDIATE (SQLite's write lock, which the receiver's process and the daemon's
+        share) ... COMMIT, or ROLLBACK on any exception. The caller holds ``_lock``."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def _index(
         self,
@@ -531,22 +519,15 @@ class Spool(Store):
         A crash before the commit leaves rows whose files are gone; the next start finishes the
         release (`_finish_cut_releases`)."""
         with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction() as db:
                 row = db.execute("SELECT generation FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
                 if row is None or row[0] != generation:
-                    db.execute("ROLLBACK")
                     return 0
                 rels = [r[0] for r in db.execute("SELECT path FROM instances WHERE series_uid = ?", (series_uid,))]
                 db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
                 db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (RELEASED, series_uid))
                 for rel in rels:
                     (self.root / rel).unlink(missing_ok=True)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             try:
                 (self.series_dir / series_uid).rmdir()
             except OSError:
