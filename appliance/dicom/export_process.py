@@ -17,11 +17,10 @@ behind; what it had confirmed is in the outbox (see `export` for the durability 
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from collections.abc import Callable
 
-from appliance.children import child_setup
+from appliance.children import ChildProcess, child_setup
 from appliance.config import ApplianceConfig
 from appliance.dicom.export import Entry, Exporter, Outbox
 from appliance.logging import get_logger
@@ -60,68 +59,30 @@ def _child(cfg_json: str, log_level: str, conn) -> None:
             pass
 
 
-class ExporterProcess:
+class ExporterProcess(ChildProcess):
     """The daemon's handle on the exporter process: the `Exporter` thread's interface
     (start, notify, stop, alive) with ``on_sent`` / ``on_gave_up`` called in the daemon with the
     entry as the daemon's own outbox reads it."""
 
     def __init__(self, cfg: ApplianceConfig, outbox: Outbox, on_sent: Callable[[Entry], None],
                  on_gave_up: Callable[[Entry], None], log_level: str = "INFO") -> None:
+        super().__init__("exporter", _child, (cfg.model_dump_json(), log_level))
         self.cfg, self.outbox = cfg, outbox
         self.on_sent, self.on_gave_up = on_sent, on_gave_up
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded process
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(cfg.model_dump_json(), log_level, child),
-                                 name="appliance-exporter", daemon=True)
-        self._send_lock = threading.Lock()
-        self._reader: threading.Thread | None = None
-        self._stopping = False
 
     def start(self) -> None:
         self._proc.start()
-        self._reader = threading.Thread(target=self._read, name="exporter-events", daemon=True)
-        self._reader.start()
+        self._start_reading()
         log.info("exporter.started", pid=self._proc.pid)
 
-    def _read(self) -> None:
-        while True:
-            try:
-                kind, entry_id = self._conn.recv()
-            except (EOFError, OSError):
-                if not self._stopping:
-                    log.error("exporter.lost", exitcode=self._proc.exitcode)
-                return
-            if kind == "stopped":
-                return
-            try:
-                entry = self.outbox.get(entry_id)
-                if entry is not None:
-                    (self.on_sent if kind == "sent" else self.on_gave_up)(entry)
-            except Exception:
-                log.exception("exporter.callback_failed", entry_id=entry_id, kind=kind)
+    def _handle(self, msg: tuple) -> None:
+        kind, entry_id = msg
+        entry = self.outbox.get(entry_id)
+        if entry is not None:
+            (self.on_sent if kind == "sent" else self.on_gave_up)(entry)
 
     def notify(self) -> None:
-        try:
-            with self._send_lock:
-                self._conn.send("wake")
-        except (OSError, ValueError):
-            pass  # stopping or gone: `alive` says so to the watchdog
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.is_alive() and self._reader is not None and self._reader.is_alive()
+        self._send("wake")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        self._stopping = True
-        try:
-            with self._send_lock:
-                self._conn.send("stop")
-        except (OSError, ValueError):
-            pass
-        self._proc.join(timeout_s)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
-        if self._reader is not None:
-            self._reader.join(5)
-        self._conn.close()
+        self._stop("stop", timeout_s, 5)

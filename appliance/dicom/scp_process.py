@@ -20,11 +20,10 @@ and what was acknowledged is in the spool (a store is durable before its success
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from collections.abc import Callable
 
-from appliance.children import child_setup
+from appliance.children import ChildProcess, child_setup
 from appliance.config import ApplianceConfig
 from appliance.logging import get_logger
 
@@ -74,22 +73,17 @@ def _child(cfg_json: str, log_level: str, conn) -> None:
             pass
 
 
-class ReceiverProcess:
+class ReceiverProcess(ChildProcess):
     """The daemon's handle on the receiver: `StorageSCP`'s interface (start, stop, port, alive),
     with ``on_stored(outcome, header)`` and ``on_released(series_uids)`` called in the daemon, from
     one thread, in the order the child stored."""
 
     def __init__(self, cfg: ApplianceConfig, on_stored: Callable, on_released: Callable,
                  log_level: str = "INFO") -> None:
+        super().__init__("receiver", _child, (cfg.model_dump_json(), log_level))
         self.cfg = cfg
         self.on_stored, self.on_released = on_stored, on_released
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded process
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(cfg.model_dump_json(), log_level, child),
-                                 name="appliance-receiver", daemon=True)
-        self._reader: threading.Thread | None = None
         self._port: int | None = None
-        self._stopping = False
 
     def start(self) -> None:
         self._proc.start()
@@ -105,58 +99,20 @@ class ReceiverProcess:
             self._proc.join(5)
             raise RuntimeError(f"the receiver could not listen: {value}")
         self._port = int(value)
-        self._reader = threading.Thread(target=self._read, name="receiver-events", daemon=True)
-        self._reader.start()
+        self._start_reading()
         log.info("receiver.started", pid=self._proc.pid, port=self._port)
 
-    def _read(self) -> None:
-        while True:
-            try:
-                msg = self._conn.recv()
-            except (EOFError, OSError):
-                if not self._stopping:
-                    log.error("receiver.lost", exitcode=self._proc.exitcode)
-                return
-            kind = msg[0]
-            if kind == "stopped":
-                return
-            try:
-                if kind == "stored":
-                    self.on_stored(msg[1], msg[2])
-                elif kind == "released":
-                    self.on_released(msg[1])
-            except Exception:
-                log.exception("receiver.callback_failed", kind=kind)
+    def _handle(self, msg: tuple) -> None:
+        if msg[0] == "stored":
+            self.on_stored(msg[1], msg[2])
+        elif msg[0] == "released":
+            self.on_released(msg[1])
 
     @property
     def port(self) -> int:
         return self._port if self._port is not None else self.cfg.node.port
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.is_alive() and self._reader is not None and self._reader.is_alive()
-
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """No new associations; running ones finish (up to the timeout); every stored instance's
         message is handled before this returns."""
-        if self._stopping:
-            return
-        self._stopping = True
-        if self._proc.pid is None:  # never started
-            self._conn.close()
-            return
-        try:
-            self._conn.send(("stop", drain_timeout_s))
-        except (OSError, ValueError):
-            pass
-        self._proc.join(drain_timeout_s + 10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
-        if self._reader is not None:
-            self._reader.join(10)
-        self._conn.close()
+        self._stop(("stop", drain_timeout_s), drain_timeout_s + 10, 10)
