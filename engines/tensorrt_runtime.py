@@ -70,12 +70,12 @@ def load_hu_kernels(cc: tuple[int, int]) -> dict:
     Raises HuKernelsUnavailable (no nvcc, a compile or load error)."""
     import pycuda.driver as cuda
 
-    from kernels.build import GPU_ARCHS, SOURCE_DIR, KernelBuildError, build_fatbin
+    from kernels.build import GPU_ARCHS, SOURCE_DIR, KernelBuildError, fatbin as kernel_fatbin
 
     arch = f"{cc[0]}{cc[1]}"
     try:
-        fatbin, _ = build_fatbin(SOURCE_DIR / "hu.cu", GPU_ARCHS if arch in GPU_ARCHS else (arch,))
-        module = cuda.module_from_file(str(fatbin))
+        path = kernel_fatbin(SOURCE_DIR / "hu.cu", GPU_ARCHS if arch in GPU_ARCHS else (arch,))
+        module = cuda.module_from_file(str(path))
         return {op: module.get_function(abi.kernel) for op, abi in KERNELS.items()}
     except (KernelBuildError, cuda.Error) as exc:
         raise HuKernelsUnavailable(f"the HU kernels for sm_{arch}: {type(exc).__name__}: {exc}") from exc

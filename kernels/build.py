@@ -4,6 +4,12 @@ GPU fatbins (nvcc for sm_87, sm_89, sm_90). Both come from the same ``kernels/sr
 Builds are cached under ``$APPLIANCE_KERNEL_CACHE`` (default ``~/.cache/appliance/kernels``),
 keyed by the sources, the shim and the flags, so a changed kernel is rebuilt and an unchanged one
 is not. A compile error, and for nvcc any register spill reported by ptxas, is a `KernelBuildError`.
+
+An installed appliance has no compiler: the wheel carries the builds made at package time
+(`prebuild`, called by ``setup.py``'s build step) under ``kernels/prebuilt/``, in the same
+``<kind>-<key>/`` layout as the cache. A build is looked up there first, then in the cache, and
+only then compiled; the key still covers the shipped sources, so a prebuilt library is used only
+for exactly the sources beside it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 KERNELS_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = KERNELS_DIR / "src"
 SHIM = KERNELS_DIR / "host_shim.h"
+PREBUILT_DIR = KERNELS_DIR / "prebuilt"
 GPU_ARCHS = ("87", "89", "90")  # Jetson Orin, RTX Ada, H100/H200
 HOST_FLAGS = ("-std=c++17", "-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")
 NVCC_FLAGS = ("-std=c++17", "-O3", "-Xptxas", "-v", "--fmad=false")
@@ -56,18 +63,32 @@ def _publish(tmp: Path, target: Path) -> Path:
     return target
 
 
-def build_host(compiler: str = "g++") -> Path:
-    """The host-twin shared library (all kernels), built if not cached; returns its path."""
-    target = cache_dir() / f"host-{_key(compiler, HOST_FLAGS)}" / "libkernels_host.so"
+def _host_name(compiler: str) -> str:
+    return f"host-{_key(compiler, HOST_FLAGS)}/libkernels_host.so"
+
+
+def _fatbin_name(source: Path, archs: tuple[str, ...]) -> str:
+    return f"gpu-{_key(source.name, archs, NVCC_FLAGS)}/{source.stem}.fatbin"
+
+
+def build_host(compiler: str = "g++", cache: Path | None = None) -> Path:
+    """The host-twin shared library (all kernels): the package's prebuilt one, else the cached one,
+    else built into ``cache`` (default `cache_dir`); returns its path."""
+    name = _host_name(compiler)
+    if cache is None and (PREBUILT_DIR / name).exists():
+        return PREBUILT_DIR / name
+    target = (cache or cache_dir()) / name
     if target.exists():
         return target
     if shutil.which(compiler) is None:
         raise KernelBuildError(f"{compiler} not found: the host twin needs a C++17 compiler with OpenMP")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=target.parent, suffix=".so")[1])
-    cmd = [compiler, *HOST_FLAGS, "-I", str(KERNELS_DIR), "-include", str(SHIM), "-x", "c++",
-           *map(str, sources()), "-o", str(tmp)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # Paths relative to kernels/ (run from there): the library's symbol table names its sources as
+    # given, so a package built in any folder gives the same bytes.
+    cmd = [compiler, *HOST_FLAGS, "-I", ".", "-include", SHIM.name, "-x", "c++",
+           *(str(src.relative_to(KERNELS_DIR)) for src in sources()), "-o", str(tmp.resolve())]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=KERNELS_DIR)
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise KernelBuildError(f"host twin build failed:\n{res.stderr[-4000:]}")
@@ -80,9 +101,12 @@ def nvcc_path() -> str | None:
     )
 
 
-def build_fatbin(source: Path, archs: tuple[str, ...] = GPU_ARCHS) -> tuple[Path, dict[str, dict[str, int]]]:
-    """Compile one .cu to a fatbin for ``archs`` (plus PTX of the newest for forward compatibility).
-    Returns (path, registers per 'kernel@sm_XX'). Raises on errors and on any register spill."""
+def build_fatbin(source: Path, archs: tuple[str, ...] = GPU_ARCHS,
+                 cache: Path | None = None) -> tuple[Path, dict[str, dict[str, int]]]:
+    """Compile one .cu to a fatbin for ``archs`` (plus PTX of the newest for forward compatibility)
+    into ``cache`` (default `cache_dir`). Returns (path, registers per 'kernel@sm_XX'). Raises on
+    errors and on any register spill. Always compiles (the register report comes from ptxas): use
+    `fatbin` to load one."""
     nvcc = nvcc_path()
     if nvcc is None:
         raise KernelBuildError("nvcc not found")
@@ -90,12 +114,12 @@ def build_fatbin(source: Path, archs: tuple[str, ...] = GPU_ARCHS) -> tuple[Path
     for arch in archs:
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-    target = cache_dir() / f"gpu-{_key(source.name, archs, NVCC_FLAGS)}" / f"{source.stem}.fatbin"
+    target = (cache or cache_dir()) / _fatbin_name(source, archs)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=target.parent, suffix=".fatbin")[1])
-    cmd = [nvcc, "-fatbin", *NVCC_FLAGS, *gencode, "-I", str(KERNELS_DIR), "-include", str(SHIM),
-           "-o", str(tmp), str(source)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [nvcc, "-fatbin", *NVCC_FLAGS, *gencode, "-I", ".", "-include", SHIM.name,
+           "-o", str(tmp.resolve()), os.path.relpath(source.resolve(), KERNELS_DIR)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=KERNELS_DIR)
     log = res.stdout + res.stderr
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -142,5 +166,23 @@ def build_ptx(source: Path, arch: str) -> Path:
     return _publish(tmp, target)
 
 
+def fatbin(source: Path, archs: tuple[str, ...] = GPU_ARCHS) -> Path:
+    """The fatbin of one .cu: the package's prebuilt one, else the cached one, else built."""
+    name = _fatbin_name(source, archs)
+    for root in (PREBUILT_DIR, cache_dir()):
+        if (root / name).exists():
+            return root / name
+    return build_fatbin(source, archs)[0]
+
+
 def build_all_fatbins(archs: tuple[str, ...] = GPU_ARCHS) -> dict[str, Path]:
-    return {src.stem: build_fatbin(src, archs)[0] for src in sources()}
+    return {src.stem: fatbin(src, archs) for src in sources()}
+
+
+def prebuild(dest: Path, gpu: bool = True) -> list[Path]:
+    """Build what an installed appliance loads, into ``dest`` (a package's ``kernels/prebuilt``):
+    the host twin and, with ``gpu``, the fatbins for `GPU_ARCHS`. Returns the files written."""
+    built = [build_host(cache=dest)]
+    if gpu:
+        built += [build_fatbin(src, GPU_ARCHS, cache=dest)[0] for src in sources()]
+    return built
