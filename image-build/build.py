@@ -1,0 +1,371 @@
+"""`make image`: the appliance's bootable x86-64 disk image, reproducible from its inputs.
+
+    python image-build/build.py [--out build/image]
+
+Inputs: this checkout (its files, as `git status` sees them), image-build/requirements.lock, the
+Debian archive's state at build time (bookworm, bookworm-updates, bookworm-security; the packages
+and versions land in the manifest) and SOURCE_DATE_EPOCH (default: the last commit's time). The
+same inputs give the same bytes: every timestamp is clamped to SOURCE_DATE_EPOCH, file systems get
+fixed UUIDs and hash seeds, every inode's times are reset after mkfs, Python byte code is
+hash-based, and the disk's GUIDs are fixed.
+
+Output (``--out``): ``appliance.img`` (raw GPT disk: dd it onto the box's disk),
+``appliance.img.zst`` (the same, compressed, for flashing tools that take zstd), ``manifest.json``
+(the bill of materials: every Debian package and Python wheel with its version and hash, the
+partitions, the image's sha256) and ``SHA256SUMS``.
+
+The disk:
+  1 esp     256 MiB  vfat: systemd-boot, a kernel + initrd per slot under /a and /b, loader entries
+  2 root-a  2 GiB    ext4: Debian 12 minbase, systemd, the appliance in /opt/appliance/venv
+  3 root-b  2 GiB    ext4: the other slot, empty until the first update writes it
+  4 data    1 GiB    ext4: never touched by updates; mounted at /data, holding the configuration
+                     (/data/etc -> /etc/appliance) and the spool (/data/appliance -> /var/lib/appliance)
+Boot: UEFI -> systemd-boot -> the default entry's kernel with root=PARTUUID=<slot>.
+
+Needs root (mmdebstrap --mode=root, chroot) and the Debian packages `make image` installs.
+What was checked on these machines: ../shared/IMAGE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LOCK = HERE / "requirements.lock"
+ROOTFS_FILES = HERE / "rootfs"  # copied over the root file system as they are
+DATA_FILES = HERE / "data"  # the data partition's first content
+SUITE = "bookworm"
+MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SECURITY = os.environ.get("DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+PACKAGES = [
+    "systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools", "zstd", "kmod",
+    "e2fsprogs", "dosfstools", "iproute2", "python3", "python3-venv", "libgomp1", "ca-certificates",
+    "rauc", "rauc-service",
+]
+# Modules the initrd needs to find a root file system on the boxes and in qemu (a list, not
+# Debian's "most": its all-modules initrd cost 50 s of a TCG boot, ../shared/IMAGE.md).
+INITRD_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "nvme", "ahci", "sd_mod", "usb_storage", "uas",
+                  "xhci_pci", "ext4", "crc32c_generic", "vfat", "nls_cp437", "nls_ascii"]
+VENV = "/opt/appliance/venv"
+SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+KERNEL_CMDLINE = "rw rootwait console=tty0 console=ttyS0,115200 quiet systemd.show_status=1"
+
+MiB = 1 << 20
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"  # generic: no gpt-auto mounting surprises
+# (name, size in MiB, type): the order is the partition number
+PARTITIONS = [("esp", 256, ESP_TYPE), ("root-a", 2048, LINUX_TYPE), ("root-b", 2048, LINUX_TYPE),
+              ("data", 1024, LINUX_TYPE)]
+_NS = uuid.UUID("6f1b3c52-0d8a-4c1e-9a57-2f4d1e0b7a11")  # the appliance image's GUID namespace
+
+
+def guid(name: str) -> str:
+    """Fixed GUIDs: partitions, file systems and the disk are named, not random."""
+    return str(uuid.uuid5(_NS, name))
+
+
+def partuuid(name: str) -> str:
+    return guid(f"partition/{name}")
+
+
+def run(*cmd, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], check=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def chroot(root: Path, *cmd, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """A command in the image's root under a clean environment (the host's PIP_*, PYTHON* must not leak in)."""
+    clean = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+             "SOURCE_DATE_EPOCH": os.environ["SOURCE_DATE_EPOCH"], **(env or {})}
+    return subprocess.run(["chroot", str(root), "env", "-i", *(f"{k}={v}" for k, v in clean.items()),
+                           *map(str, cmd)], check=True, **kw)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- the Python wheelhouse ----------------------------------------------------------------
+def wheelhouse(dest: Path) -> Path:
+    """The appliance's wheel (image-build/wheel.sh) and every locked dependency, downloaded on the
+    host (hash-checked); installed offline inside the image."""
+    run("bash", HERE / "wheel.sh", dest, env={"PY": sys.executable})
+    run(sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+        "--require-hashes", "--only-binary=:all:", "-d", dest, "-r", LOCK)
+    shutil.copy(LOCK, dest / "requirements.lock")
+    (wheel,) = dest.glob("appliance-*.whl")
+    return wheel
+
+
+# ---- inside the root file system (mmdebstrap's customize hook) ------------------------------
+def customize(root: Path, wheels: Path) -> None:
+    epoch = os.environ["SOURCE_DATE_EPOCH"]
+    inside = root / "tmp" / "wheelhouse"
+    shutil.copytree(wheels, inside)
+    (wheel,) = inside.glob("appliance-*.whl")
+    pip = [f"{VENV}/bin/python", "-m", "pip", "--disable-pip-version-check", "--no-cache-dir", "--quiet"]
+    chroot(root, "python3", "-m", "venv", VENV)
+    chroot(root, *pip, "install", "--no-index", "--no-compile", "--find-links", "/tmp/wheelhouse",
+           "--require-hashes", "-r", "/tmp/wheelhouse/requirements.lock")
+    chroot(root, *pip, "install", "--no-index", "--no-compile", "--no-deps", f"/tmp/wheelhouse/{wheel.name}")
+    chroot(root, *pip, "check")
+    wheels_in = {p.name: sha256(p) for p in sorted(inside.glob("*.whl"))}
+    (wheels.parent / "wheels.json").write_text(json.dumps(wheels_in))  # mmdebstrap empties /tmp
+    # The box installs nothing with pip: the installer goes, and so does the venv module's copy.
+    chroot(root, *pip, "uninstall", "--yes", "pip", "setuptools")
+    shutil.rmtree(inside)
+    # Byte code keyed by the sources' hashes, not their mtimes: reproducible, and valid on a
+    # read-only /opt (the unit sets PYTHONDONTWRITEBYTECODE).
+    for tree in ("/usr/lib/python3", "/usr/lib/python3.11", VENV):
+        for cache in (root / tree.lstrip("/")).rglob("__pycache__"):
+            shutil.rmtree(cache)
+        chroot(root, "python3", "-m", "compileall", "-q", "-j", "1", "--invalidation-mode", "unchecked-hash",
+               tree, stdout=subprocess.DEVNULL)
+
+    # systemd: the unit, its account and folders, from the checkout's systemd/.
+    lib = root / "usr" / "lib"
+    shutil.copy(REPO / "systemd" / "appliance.service", lib / "systemd" / "system" / "appliance.service")
+    shutil.copy(REPO / "systemd" / "appliance.sysusers", lib / "sysusers.d" / "appliance.conf")
+    shutil.copy(REPO / "systemd" / "appliance.tmpfiles", lib / "tmpfiles.d" / "appliance.conf")
+    shutil.copytree(ROOTFS_FILES, root, dirs_exist_ok=True, symlinks=True)
+    (root / "etc" / "fstab").write_text(fstab())
+    for mountpoint in ("data", "efi"):
+        (root / mountpoint).mkdir(exist_ok=True)
+    (root / "etc" / "hostname").write_text("appliance\n")
+    chroot(root, "systemd-sysusers")
+    chroot(root, "systemd-tmpfiles", "--create", "--prefix=/var/lib/appliance", "--prefix=/etc/appliance")
+    chroot(root, "systemctl", "enable", "appliance.service", "systemd-networkd.service")
+    for unit in ("e2scrub_reap.service", "e2scrub_all.timer", "apt-daily.timer", "apt-daily-upgrade.timer"):
+        chroot(root, "systemctl", "mask", unit)
+    # A box with its root locked: no password to guess. Field engineers reach it over DICOM,
+    # the data partition and (a later issue) a signed service login.
+    chroot(root, "passwd", "--lock", "root", stdout=subprocess.DEVNULL)
+    # The python3-venv machinery was needed only to make the venv.
+    chroot(root, "apt-get", "purge", "--yes", "--quiet", "python3-venv", "python3.11-venv", "python3-pip-whl",
+           "python3-setuptools-whl", stdout=subprocess.DEVNULL, env={"DEBIAN_FRONTEND": "noninteractive"})
+    # The initrd: a module list, regenerated with SOURCE_DATE_EPOCH (reproducible cpio).
+    conf = root / "etc" / "initramfs-tools"
+    (conf / "modules").write_text("\n".join(INITRD_MODULES) + "\n")
+    (conf / "conf.d" / "appliance").write_text("MODULES=list\nCOMPRESS=zstd\n")
+    chroot(root, "update-initramfs", "-u", "-k", "all", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    packages = chroot(root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Architecture}\n",
+                      capture_output=True, text=True).stdout
+    (wheels.parent / "packages.tsv").write_text(packages)
+    print(f"customized: {len(packages.splitlines())} Debian packages, {len(wheels_in)} wheels, epoch {epoch}")
+
+
+def fstab() -> str:
+    esp, data = partuuid("esp"), partuuid("data")
+    return (
+        "# The appliance image. / is the slot the boot entry names (root=PARTUUID=..., mounted rw by the\n"
+        "# initrd), so this file is the same in both slots.\n"
+        f"PARTUUID={esp}  /efi  vfat  umask=0077,noatime  0 2\n"
+        f"PARTUUID={data}  /data  ext4  noatime,nosuid,nodev  0 2\n"
+        "# Configuration and spool live on the data partition: updates never touch them.\n"
+        "/data/etc  /etc/appliance  none  bind,x-systemd.requires-mounts-for=/data  0 0\n"
+        "/data/appliance  /var/lib/appliance  none  bind,x-systemd.requires-mounts-for=/data  0 0\n"
+    )
+
+
+# ---- file systems and the disk --------------------------------------------------------------
+def clamp_times(tree: Path, epoch: int) -> None:
+    for path in [tree, *tree.rglob("*")]:
+        st = path.lstat()
+        if st.st_mtime > epoch or st.st_atime != epoch:
+            os.utime(path, (epoch, min(st.st_mtime, epoch)), follow_symlinks=False)
+
+
+def _used_inodes(img: Path) -> list[int]:
+    """Allocated inodes, from dumpe2fs's free ranges per group (what debugfs must touch)."""
+    out = run("dumpe2fs", img, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    per_group = int(re.search(r"^Inodes per group:\s+(\d+)", out, re.M).group(1))
+    count = int(re.search(r"^Inode count:\s+(\d+)", out, re.M).group(1))
+    free: set[int] = set()
+    for field in re.findall(r"^\s+Free inodes: (.*)$", out, re.M):
+        for part in filter(None, (p.strip() for p in field.split(","))):
+            lo, _, hi = part.partition("-")
+            free.update(range(int(lo), int(hi or lo) + 1))
+    assert count % per_group == 0
+    return [i for i in range(1, count + 1) if i not in free]
+
+
+def ext4(img: Path, size_mib: int, label: str, tree: Path | None, epoch: int) -> None:
+    img.unlink(missing_ok=True)
+    env = {"E2FSPROGS_FAKE_TIME": str(epoch)}
+    args = ["-q", "-t", "ext4", "-L", label, "-U", guid(f"fs/{label}"), "-E",
+            f"hash_seed={guid(f'hash/{label}')},lazy_itable_init=0,lazy_journal_init=0", "-I", "256", "-b", "4096"]
+    if tree is not None:
+        args += ["-d", tree]
+    run("mkfs.ext4", *args, img, f"{size_mib}M", env=env, stdout=subprocess.DEVNULL)
+    # mkfs.ext4 -d copies each file's ctime and atime, which user space cannot set on the source:
+    # reset them (and the creation time) on every allocated inode.
+    script = img.with_suffix(".debugfs")
+    with open(script, "w") as f:
+        for ino in _used_inodes(img):
+            for field in ("ctime", "atime", "crtime"):
+                f.write(f"sif <{ino}> {field} @{epoch}\n")
+                f.write(f"sif <{ino}> {field}_extra 0\n")
+    run("debugfs", "-w", "-f", script, img, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script.unlink()
+    run("e2fsck", "-fn", img, stdout=subprocess.DEVNULL, env=env)  # read-only check: a clean file system
+
+
+def loader_entry(slot: str, kernel_version: str) -> str:
+    return (f"title Appliance (slot {slot.upper()}, kernel {kernel_version})\n"
+            f"linux /{slot}/vmlinuz\ninitrd /{slot}/initrd.img\n"
+            f"options root=PARTUUID={partuuid(f'root-{slot}')} {KERNEL_CMDLINE}\n")
+
+
+def esp(img: Path, root: Path, epoch: int, work: Path) -> None:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    assert len(kernels) == 1, kernels
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    stage = work / "esp"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "EFI" / "BOOT").mkdir(parents=True)
+    (stage / "EFI" / "systemd").mkdir()
+    (stage / "loader" / "entries").mkdir(parents=True)
+    (stage / "a").mkdir()
+    shutil.copy(SYSTEMD_BOOT, stage / "EFI" / "BOOT" / "BOOTX64.EFI")
+    shutil.copy(SYSTEMD_BOOT, stage / "EFI" / "systemd" / "systemd-bootx64.efi")
+    shutil.copy(kernels[0], stage / "a" / "vmlinuz")
+    shutil.copy(root / "boot" / f"initrd.img-{version}", stage / "a" / "initrd.img")
+    (stage / "loader" / "loader.conf").write_text("default a.conf\ntimeout 0\nconsole-mode keep\neditor no\n")
+    (stage / "loader" / "entries" / "a.conf").write_text(loader_entry("a", version))
+    clamp_times(stage, epoch)
+    img.unlink(missing_ok=True)
+    size_kib = PARTITIONS[0][1] * 1024
+    run("mkfs.vfat", "-C", "--invariant", "-i", guid("fs/esp")[:8], "-n", "ESP", img, size_kib,
+        stdout=subprocess.DEVNULL)
+    env = {"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(epoch)}
+    for d in sorted(p for p in stage.rglob("*") if p.is_dir()):
+        run("mmd", "-i", img, f"::/{d.relative_to(stage)}", env=env)
+    for f in sorted(p for p in stage.rglob("*") if p.is_file()):
+        run("mcopy", "-m", "-i", img, f, f"::/{f.relative_to(stage)}", env=env)
+
+
+def disk(out: Path, parts: dict[str, Path]) -> None:
+    """A GPT disk with the partitions at MiB boundaries; written sparse, without loop devices."""
+    out.unlink(missing_ok=True)
+    total = 1 + sum(size for _, size, _ in PARTITIONS) + 1  # GPT before and its backup after
+    with open(out, "wb") as f:
+        f.truncate(total * MiB)
+    lines = ["label: gpt", f"label-id: {guid('disk')}", "unit: sectors", "first-lba: 2048", ""]
+    start = 1
+    for name, size, ptype in PARTITIONS:
+        lines.append(f"start={start * 2048}, size={size * 2048}, type={ptype}, uuid={partuuid(name)}, name=\"{name}\"")
+        start += size
+    run("sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", out, input="\n".join(lines) + "\n", text=True)
+    start = 1
+    for name, size, _ in PARTITIONS:
+        run("dd", f"if={parts[name]}", f"of={out}", "bs=1M", f"seek={start}", "conv=notrunc,sparse", "status=none")
+        start += size
+
+
+# ---- the whole build ------------------------------------------------------------------------
+def build(out: Path, reuse_rootfs: bool = False) -> dict:
+    epoch = int(os.environ.setdefault(
+        "SOURCE_DATE_EPOCH", run("git", "-C", REPO, "log", "-1", "--format=%ct", capture_output=True,
+                                 text=True).stdout.strip()))
+    work = out / "work"
+    root = work / "rootfs"
+    if reuse_rootfs and (work / "packages.tsv").exists():
+        (wheel,) = (work / "wheelhouse").glob("appliance-*.whl")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        wheel = wheelhouse(work / "wheelhouse")
+        debootstrap(root, work)
+    return _finish(out, work, root, wheel, epoch)
+
+
+def debootstrap(root: Path, work: Path) -> None:
+    excludes = [f"--dpkgopt=path-exclude={p}" for p in ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
+                                                        "/usr/share/locale/*", "/usr/share/lintian/*")]
+    run("mmdebstrap", "--quiet", "--mode=root", "--variant=minbase", "--format=directory",
+        f"--include={','.join(PACKAGES)}", *excludes, "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        f"--customize-hook={sys.executable} {HERE / 'build.py'} --customize \"$1\" {work / 'wheelhouse'}",
+        SUITE, root, f"deb {MIRROR} {SUITE} main", f"deb {MIRROR} {SUITE}-updates main",
+        f"deb {SECURITY} {SUITE}-security main")
+
+
+def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
+    packages = [dict(zip(("package", "version", "architecture"), line.split("\t")))
+                for line in (work / "packages.tsv").read_text().splitlines()]
+    wheels = json.loads((work / "wheels.json").read_text())
+    # The data partition's first content: the configuration and an empty spool.
+    data = work / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.copytree(DATA_FILES, data)
+    owner = next(line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()
+                 if line.startswith("appliance:"))
+    (data / "appliance").mkdir(mode=0o750)
+    os.chown(data / "appliance", int(owner[2]), int(owner[3]))
+    os.chmod(data / "appliance", 0o750)
+    for tree in (root, data):
+        clamp_times(tree, epoch)
+    imgs = {name: work / f"{name}.img" for name, _, _ in PARTITIONS}
+    esp(imgs["esp"], root, epoch, work)
+    ext4(imgs["root-a"], PARTITIONS[1][1], "root-a", root, epoch)
+    ext4(imgs["root-b"], PARTITIONS[2][1], "root-b", None, epoch)
+    ext4(imgs["data"], PARTITIONS[3][1], "data", data, epoch)
+    image = out / "appliance.img"
+    disk(image, imgs)
+    run("zstd", "--quiet", "--force", "-T2", "-10", image, "-o", out / "appliance.img.zst")
+    manifest = {
+        "image": "appliance.img", "sha256": sha256(image), "bytes": image.stat().st_size,
+        "compressed": {"file": "appliance.img.zst", "sha256": sha256(out / "appliance.img.zst")},
+        "source_date_epoch": epoch,
+        "appliance_account": {"uid": int(owner[2]), "gid": int(owner[3])},
+        "git": run("git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12", capture_output=True,
+                   text=True).stdout.strip(),
+        "debian": {"suite": SUITE, "mirror": MIRROR, "security": SECURITY, "packages": packages},
+        "python": {"wheels": [{"file": name, "sha256": digest} for name, digest in wheels.items()],
+                   "appliance_wheel": wheel.name},
+        "partitions": [{"number": i + 1, "name": name, "mib": size, "type": ptype, "partuuid": partuuid(name),
+                        "sha256": sha256(imgs[name])} for i, (name, size, ptype) in enumerate(PARTITIONS)],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (out / "SHA256SUMS").write_text(f"{manifest['sha256']}  appliance.img\n"
+                                    f"{manifest['compressed']['sha256']}  appliance.img.zst\n")
+    if os.environ.get("APPLIANCE_IMAGE_KEEP_WORK") != "1":
+        shutil.rmtree(work)
+    return manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "build" / "image")
+    ap.add_argument("--reuse-rootfs", action="store_true",
+                    help="development: keep the root file system of the last build with APPLIANCE_IMAGE_KEEP_WORK=1")
+    ap.add_argument("--customize", nargs=2, type=Path, metavar=("ROOT", "WHEELHOUSE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.customize:
+        customize(*args.customize)
+        return
+    if os.geteuid() != 0:
+        sys.exit("make image needs root (mmdebstrap --mode=root, chroot)")
+    import time
+
+    t0 = time.monotonic()
+    manifest = build(args.out.resolve(), args.reuse_rootfs)
+    print(f"{args.out}/appliance.img: {manifest['bytes'] / MiB:.0f} MiB, sha256 {manifest['sha256']}, "
+          f"{len(manifest['debian']['packages'])} Debian packages, {len(manifest['python']['wheels'])} wheels, "
+          f"built in {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
