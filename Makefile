@@ -5,11 +5,14 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3; do command -v $$p >/de
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages used by tests and the demo: dcmtk is the independent DICOM peer.
-DEB_PACKAGES := dcmtk
+# Debian packages used by tests and the demo: dcmtk is the independent DICOM peer; e2fsprogs,
+# dosfstools, mtools and systemd-boot-efi for the image recipe's fast check (tests/unit/test_image_recipe.py).
+DEB_PACKAGES := dcmtk e2fsprogs dosfstools mtools systemd-boot-efi
+# `make image` and its checks: the root file system, the disk, and the boot test's qemu + UEFI firmware.
+IMAGE_DEB_PACKAGES := mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot-efi zstd qemu-system-x86 ovmf dcmtk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv sysdeps test demo clean
+.PHONY: all venv sysdeps test demo clean image image-sysdeps image-check boot-test
 
 all: test
 
@@ -22,12 +25,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-sysdeps:
-	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/storescp ]; then \
-		echo "installing Debian packages: $(DEB_PACKAGES)"; \
+# Installs whichever of the listed Debian packages is missing.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f '$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+sysdeps:
+	$(call apt_install,$(DEB_PACKAGES))
+
+image-sysdeps:
+	$(call apt_install,$(IMAGE_DEB_PACKAGES))
 
 test: venv sysdeps
 	$(PY) -m pytest -q
@@ -35,5 +47,18 @@ test: venv sysdeps
 demo: venv
 	$(PY) -m appliance.demo
 
+# The appliance image (image-build/, README "Field engineers"): build/image/appliance.img, its zstd
+# copy, manifest.json (bill of materials), SHA256SUMS. Needs root; about 2-3 minutes.
+image: venv image-sysdeps
+	$(PY) image-build/build.py --out build/image
+
+# Two independent builds must give the same bytes.
+image-check: venv image-sysdeps
+	PY=$(PY) image-build/reproducible.sh build/image-repro
+
+# Boots build/image/appliance.img in qemu: C-ECHO, a CT study denoised, a CT-PD study reconstructed.
+boot-test: venv image-sysdeps
+	$(PY) image-build/boot_test.py --image build/image/appliance.img --out build/image/boot-test
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build
