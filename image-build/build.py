@@ -39,6 +39,9 @@ import sys
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundle  # noqa: E402  (image-build/bundle.py)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOCK = HERE / "requirements.lock"
@@ -58,7 +61,7 @@ INITRD_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "nvme", "ahci", "sd
                   "xhci_pci", "ext4", "crc32c_generic", "vfat", "nls_cp437", "nls_ascii"]
 VENV = "/opt/appliance/venv"
 SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
-KERNEL_CMDLINE = "rw rootwait console=tty0 console=ttyS0,115200 quiet systemd.show_status=1"
+KERNEL_CMDLINE = "rw rootwait panic=10 console=tty0 console=ttyS0,115200 quiet systemd.show_status=1"
 
 MiB = 1 << 20
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -147,7 +150,12 @@ def customize(root: Path, wheels: Path) -> None:
     (root / "etc" / "hostname").write_text("appliance\n")
     chroot(root, "systemd-sysusers")
     chroot(root, "systemd-tmpfiles", "--create", "--prefix=/var/lib/appliance", "--prefix=/etc/appliance")
-    chroot(root, "systemctl", "enable", "appliance.service", "systemd-networkd.service")
+    (root / "usr" / "lib" / "appliance-image" / "kernel-cmdline").write_text(KERNEL_CMDLINE + "\n")
+    (root / "etc" / "rauc").mkdir(exist_ok=True)
+    (root / "etc" / "rauc" / "system.conf").write_text(rauc_system_conf())
+    shutil.copy(bundle.KEYRING, root / "etc" / "rauc" / "keyring.pem")
+    chroot(root, "systemctl", "enable", "appliance.service", "systemd-networkd.service",
+           "appliance-slot-check.service")
     for unit in ("e2scrub_reap.service", "e2scrub_all.timer", "apt-daily.timer", "apt-daily-upgrade.timer"):
         chroot(root, "systemctl", "mask", unit)
     # A box with its root locked: no password to guess. Field engineers reach it over DICOM,
@@ -165,6 +173,18 @@ def customize(root: Path, wheels: Path) -> None:
                       capture_output=True, text=True).stdout
     (wheels.parent / "packages.tsv").write_text(packages)
     print(f"customized: {len(packages.splitlines())} Debian packages, {len(wheels_in)} wheels, epoch {epoch}")
+
+
+def rauc_system_conf() -> str:
+    """RAUC on the box: two root slots by PARTUUID, our boot backend (EFI variables of systemd-boot,
+    image-build/rootfs/usr/lib/appliance-image/slots), status on the data partition."""
+    slots = "".join(f"\n[slot.rootfs.{i}]\ndevice=/dev/disk/by-partuuid/{partuuid(f'root-{s}')}\ntype=ext4\nbootname={s}\n"
+                    for i, s in enumerate("ab"))
+    return ("[system]\n"
+            f"compatible={bundle.COMPATIBLE}\n"
+            "bootloader=custom\nbundle-formats=-plain\nmountprefix=/run/rauc\nstatusfile=/data/rauc/status.raucs\n\n"
+            "[keyring]\npath=/etc/rauc/keyring.pem\n\n"
+            "[handlers]\nbootloader-custom-backend=/usr/lib/appliance-image/slots\n" + slots)
 
 
 def fstab() -> str:
@@ -226,7 +246,7 @@ def ext4(img: Path, size_mib: int, label: str, tree: Path | None, epoch: int) ->
 def loader_entry(slot: str, kernel_version: str) -> str:
     return (f"title Appliance (slot {slot.upper()}, kernel {kernel_version})\n"
             f"linux /{slot}/vmlinuz\ninitrd /{slot}/initrd.img\n"
-            f"options root=PARTUUID={partuuid(f'root-{slot}')} {KERNEL_CMDLINE}\n")
+            f"options root=PARTUUID={partuuid(f'root-{slot}')} rauc.slot={slot} {KERNEL_CMDLINE}\n")
 
 
 def esp(img: Path, root: Path, epoch: int, work: Path) -> None:
@@ -319,19 +339,26 @@ def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
         clamp_times(tree, epoch)
     imgs = {name: work / f"{name}.img" for name, _, _ in PARTITIONS}
     esp(imgs["esp"], root, epoch, work)
-    ext4(imgs["root-a"], PARTITIONS[1][1], "root-a", root, epoch)
+    ext4(imgs["root-a"], PARTITIONS[1][1], "root", root, epoch)
     ext4(imgs["root-b"], PARTITIONS[2][1], "root-b", None, epoch)
     ext4(imgs["data"], PARTITIONS[3][1], "data", data, epoch)
     image = out / "appliance.img"
     disk(image, imgs)
     run("zstd", "--quiet", "--force", "-T2", "-10", image, "-o", out / "appliance.img.zst")
+    version = run("git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12", capture_output=True,
+                  text=True).stdout.strip()
+    update = bundle.make(imgs["root-a"], out / "appliance-update.raucb", version)
+    ok, why = bundle.verify(update)
+    if not ok:
+        raise SystemExit(f"the update bundle does not verify against the image's keyring: {why}")
     manifest = {
         "image": "appliance.img", "sha256": sha256(image), "bytes": image.stat().st_size,
         "compressed": {"file": "appliance.img.zst", "sha256": sha256(out / "appliance.img.zst")},
+        "update_bundle": {"file": update.name, "sha256": sha256(update), "version": version,
+                          "keyring_sha256": sha256(bundle.KEYRING)},
         "source_date_epoch": epoch,
         "appliance_account": {"uid": int(owner[2]), "gid": int(owner[3])},
-        "git": run("git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12", capture_output=True,
-                   text=True).stdout.strip(),
+        "git": version,
         "debian": {"suite": SUITE, "mirror": MIRROR, "security": SECURITY, "packages": packages},
         "python": {"wheels": [{"file": name, "sha256": digest} for name, digest in wheels.items()],
                    "appliance_wheel": wheel.name},
