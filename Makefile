@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # dosfstools, mtools and systemd-boot-efi for the image recipe's fast check (tests/unit/test_image_recipe.py).
 DEB_PACKAGES := dcmtk e2fsprogs dosfstools mtools systemd-boot-efi
 # `make image` and its checks: the root file system, the disk, and the boot test's qemu + UEFI firmware.
-IMAGE_DEB_PACKAGES := mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot-efi zstd qemu-system-x86 ovmf dcmtk
+IMAGE_DEB_PACKAGES := mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot-efi zstd rauc squashfs-tools qemu-system-x86 ovmf dcmtk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv sysdeps test demo clean image image-sysdeps image-check boot-test
