@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import build  # noqa: E402  (image-build/build.py: the partition layout and the file-system recipe)
 import bundle  # noqa: E402  (image-build/bundle.py: signed update bundles)
+import site_image  # noqa: E402  (image-build/site_image.py: a site's configuration on the data partition)
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -98,34 +99,17 @@ def free_port() -> int:
 
 
 def site_disk(image: Path, manifest: dict, work: Path, console_port: int) -> Path:
-    """A sparse copy of the image whose data partition holds the test's site configuration."""
-    disk = work / "disk.img"
-    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
-    data = work / "data"
-    shutil.rmtree(data, ignore_errors=True)
-    shutil.copytree(build.DATA_FILES, data)
-    (data / "etc" / "appliance.toml").write_text(SITE_CONFIG.format(
-        guest_port=GUEST_PORT, console_port=console_port, pd_matrix=PD_SHAPE[1], pd_slices=PD_SHAPE[0]))
-    account = manifest["appliance_account"]
-    (data / "appliance").mkdir(mode=0o750)
-    os.chown(data / "appliance", account["uid"], account["gid"])
-    epoch = manifest["source_date_epoch"]
-    build.clamp_times(data, epoch)
-    part = work / "data.img"
-    (entry,) = [p for p in manifest["partitions"] if p["name"] == "data"]
-    build.ext4(part, entry["mib"], "data", data, epoch)
-    start = 1 + sum(p["mib"] for p in manifest["partitions"] if p["number"] < entry["number"])
-    subprocess.run(["dd", f"if={part}", f"of={disk}", "bs=1M", f"seek={start}", "conv=notrunc,sparse",
-                    "status=none"], check=True)
-    part.unlink()
-    return disk
+    """The image as a site would flash it (image-build/site.py), configured for this test."""
+    config = SITE_CONFIG.format(guest_port=GUEST_PORT, console_port=console_port, pd_matrix=PD_SHAPE[1],
+                                pd_slices=PD_SHAPE[0])
+    return site_image.site_image(image, config, work / "disk.img")
 
 
 def qemu_command(disk: Path, vars_fd: Path, port: int, accel: str, monitor: Path) -> list[str]:
     cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
     return ["qemu-system-x86_64", "-machine", "q35", "-m", "2048", "-smp", "2", *cpu,
             "-display", "none", "-serial", "stdio", "-monitor", f"unix:{monitor},server,nowait",
-            "-device", "qemu-xhci,id=xhci",
+            "-device", "qemu-xhci,id=xhci", "-device", "qemu-xhci,id=xhci2",
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={vars_fd}",
             "-drive", f"if=virtio,format=raw,file={disk},cache=unsafe",
@@ -141,7 +125,8 @@ class Guest:
         self.accel = accel
         self.t0 = time.monotonic()
         self.monitor = work / f"monitor-{accel}.sock"
-        self.proc = subprocess.Popen(qemu_command(disk, self.vars_fd, port, accel, self.monitor), stdin=subprocess.DEVNULL,
+        self._cmd = qemu_command(disk, self.vars_fd, port, accel, self.monitor)
+        self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL,
                                      stdout=open(self.serial, "wb"), stderr=subprocess.STDOUT)
 
     def elapsed(self) -> float:
@@ -165,16 +150,17 @@ class Guest:
         text = out.decode(errors="replace").replace("(qemu)", "").strip()
         return text.split("\n", 1)[1].strip() if "\n" in text else ""
 
-    def plug(self, name: str, image: Path) -> None:
+    def plug(self, name: str, image: Path, bus: str = "xhci.0") -> None:
         """A USB stick: what a field engineer plugs into the box."""
         for cmd in (f"drive_add 0 if=none,id={name},format=raw,readonly=on,file={image}",
-                    f"device_add usb-storage,bus=xhci.0,drive={name},id={name}-dev"):
+                    f"device_add usb-storage,bus={bus},drive={name},id={name}-dev"):
             out = self.hmp(cmd)
             if "rror" in out:
                 raise Failed(f"qemu monitor: {cmd}: {out}")
 
     def unplug(self, name: str) -> None:
-        self.hmp(f"device_del {name}-dev")
+        if getattr(self, "power_cycles", 0) == 0:  # a power cycle took the sticks out already
+            self.hmp(f"device_del {name}-dev")
 
     def events(self) -> list[dict]:
         """The image's slot events (appliance-slots lines on the console), in order."""
@@ -196,9 +182,11 @@ class Guest:
             return None
         return wait_for(f"slot event {event} {match or ''}", found, self, timeout_s, 1.0)
 
-    # A guest reboot under TCG sometimes leaves OVMF hung right after its reset (seen once in three
-    # reboots: no output after the firmware's screen clears, until a reset from outside). A box has
-    # its hardware watchdog for that; here the test resets the machine and counts it.
+    # A guest reboot under TCG sometimes leaves OVMF hung right after its reset: no output after the
+    # firmware's first screen clears (seen in 2 of 6 reboots, each time with a USB stick that had
+    # been hot-plugged into the xhci controller after another one was removed; a reset from the
+    # monitor did not help). On a box that is a power cycle; here too: qemu is restarted on the same
+    # disk and UEFI variables, without the sticks, and the test counts it.
     STALL_S = 120.0
 
     def _watch_reboots(self) -> None:
@@ -211,9 +199,15 @@ class Guest:
         cut = tail.rfind(b"Restarting system")
         after = tail[cut:] if cut >= 0 else b""
         if cut >= 0 and b"Welcome" not in after and b"BdsDxe: starting" not in after and now - self._since > self.STALL_S:
-            self.hmp("system_reset")
-            self.firmware_resets = getattr(self, "firmware_resets", 0) + 1
-            print(f"the guest hung after a reboot for {now - self._since:.0f} s: reset from outside", flush=True)
+            print(f"the guest hung {now - self._since:.0f} s after a reboot: power cycle", flush=True)
+            self.power_cycles = getattr(self, "power_cycles", 0) + 1
+            self.proc.kill()
+            self.proc.wait()
+            with open(self.serial, "ab") as f:
+                f.write(b"\r\n[boot test: power cycle]\r\n")
+            self.monitor.unlink(missing_ok=True)
+            self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=open(self.serial, "ab"),
+                                         stderr=subprocess.STDOUT)
             self._since = now
 
     def check_alive(self) -> None:
@@ -398,7 +392,7 @@ def updates(guest: Guest, console, port: int, image: Path, manifest: dict, work:
     # A broken update: installed into A, A boots on trial, its appliance never starts, the box rolls back to B.
     n = len(guest.events())
     t = guest.elapsed()
-    guest.plug("stick2", stick2)
+    guest.plug("stick2", stick2, bus="xhci2.0")  # another port: the first stick's was hot-unplugged
     _, inst = guest.wait_event("installed", 900, after=n, bundle="update-broken.raucb")
     i, boot = guest.wait_event("boot", 900, after=n, slot="a")
     if not boot["trial"]:
@@ -474,7 +468,7 @@ def main() -> int:
                       f"{guest.elapsed() - sent:.1f} s later", flush=True)
             if not args.no_update:
                 updates(guest, console, port, image, manifest, work, result)
-        result["firmware_resets_from_outside"] = getattr(guest, "firmware_resets", 0)
+        result["power_cycles_after_a_hung_reboot"] = getattr(guest, "power_cycles", 0)
         result["passed"] = True
         return 0
     except Failed as exc:

@@ -94,11 +94,8 @@ def chroot(root: Path, *cmd, env: dict | None = None, **kw) -> subprocess.Comple
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---- the Python wheelhouse ----------------------------------------------------------------
