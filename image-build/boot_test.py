@@ -183,7 +183,7 @@ class Guest:
         return wait_for(f"slot event {event} {match or ''}", found, self, timeout_s, 1.0)
 
     # A guest reboot under TCG sometimes leaves OVMF hung right after its reset: no output after the
-    # firmware's first screen clears (seen in 2 of 6 reboots, each time with a USB stick that had
+    # firmware's first screen clears (seen in 2 of 8 reboots, each time with a USB stick that had
     # been hot-plugged into the xhci controller after another one was removed; a reset from the
     # monitor did not help). On a box that is a power cycle; here too: qemu is restarted on the same
     # disk and UEFI variables, without the sticks, and the test counts it.
