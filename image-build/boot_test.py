@@ -45,12 +45,13 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import build  # noqa: E402  (image-build/build.py: the partition layout and the file-system recipe)
+from appliance.loopback import free_port  # noqa: E402
+from bench.e2e import DCMTK_ENV  # noqa: E402  (dcmtk with TCP_NODELAY=1, as the bench runs it)
 import bundle  # noqa: E402  (image-build/bundle.py: signed update bundles)
 import site_image  # noqa: E402  (image-build/site_image.py: a site's configuration on the data partition)
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 GUEST_PORT = 11112
 CT_SHAPE, PD_SHAPE = (8, 64, 64), (6, 64, 64)  # slices, rows, columns
 
@@ -90,12 +91,6 @@ iterations = 4
 
 class Failed(Exception):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def site_disk(image: Path, manifest: dict, work: Path, console_port: int) -> Path:
@@ -293,10 +288,9 @@ BROKEN_APPLIANCE = "#!/bin/sh\necho 'appliance: broken on purpose by the boot te
 
 def root_slot(image: Path, manifest: dict, work: Path) -> Path:
     """Slot A's file system, cut out of the image (what the update bundle carries)."""
-    (entry,) = [p for p in manifest["partitions"] if p["name"] == "root-a"]
-    start = 1 + sum(p["mib"] for p in manifest["partitions"] if p["number"] < entry["number"])
+    start, size = build.manifest_layout(manifest)["root-a"]
     out = work / "rootfs.ext4"
-    subprocess.run(["dd", f"if={image}", f"of={out}", "bs=1M", f"skip={start}", f"count={entry['mib']}",
+    subprocess.run(["dd", f"if={image}", f"of={out}", "bs=1M", f"skip={start}", f"count={size}",
                     "conv=sparse", "status=none"], check=True)
     return out
 
@@ -328,16 +322,23 @@ def stick(work: Path, name: str, files: dict[str, Path]) -> Path:
     return img
 
 
-def study_back(guest: Guest, console, port: int, work: Path, name: str, seed: int) -> dict:
-    ct = write_ct(work / name, seed)
+def study_back(guest: Guest, console, port: int, folder: Path, study_uid: str, n: int, pipeline: str,
+               name: str) -> dict:
+    """Send ``folder`` into the guest; wait for the study's ``n`` derived instances (made by ``pipeline``)
+    at the host's console."""
     t = guest.elapsed()
-    send(work / name, port)
+    send(folder, port)
     sent = guest.elapsed()
-    wait_for(f"the {name} study's derived series", lambda: derived_series(console.out, ct.study_uid, CT_SHAPE[0], "denoise"),
+    wait_for(f"the {name} study's derived series", lambda: derived_series(console.out, study_uid, n, pipeline),
              guest, 600, 2.0)
-    print(f"{name}: {CT_SHAPE[0]} instances sent in {sent - t:.1f} s, denoised series back {guest.elapsed() - sent:.1f} s "
-          "later", flush=True)
-    return {"sent_at_s": t, "derived_series_back_s": guest.elapsed() - sent}
+    back = guest.elapsed() - sent
+    print(f"{name}: {n} instances sent in {sent - t:.1f} s, the {pipeline} series back {back:.1f} s later", flush=True)
+    return {"sent_at_s": t, "sent_s": sent - t, "derived_series_back_s": back, "instances": n}
+
+
+def ct_back(guest: Guest, console, port: int, work: Path, name: str, seed: int) -> dict:
+    ct = write_ct(work / name, seed)
+    return study_back(guest, console, port, work / name, ct.study_uid, CT_SHAPE[0], "denoise", name)
 
 
 def write_ct(folder: Path, seed: int):
@@ -386,7 +387,7 @@ def updates(guest: Guest, console, port: int, image: Path, manifest: dict, work:
                         "spool_at_boot": boot["spool"]}
     print(f"update: installed into slot {inst['slot']} {installed_s - t:.0f} s after the stick was plugged in, "
           f"slot B healthy and committed {healthy_s - t:.0f} s after", flush=True)
-    result["update"]["study"] = study_back(guest, console, port, work, "ct-on-b", 11)
+    result["update"]["study"] = ct_back(guest, console, port, work, "ct-on-b", 11)
     guest.unplug("stick1")
 
     # A broken update: installed into A, A boots on trial, its appliance never starts, the box rolls back to B.
@@ -411,7 +412,7 @@ def updates(guest: Guest, console, port: int, image: Path, manifest: dict, work:
                           "spool_after": after}
     print(f"rollback: broken update installed into slot {inst['slot']}, back on slot {back['slot']} and answering "
           f"{back_s - t:.0f} s after the stick was plugged in; spool {before} -> {after}", flush=True)
-    result["rollback"]["study"] = study_back(guest, console, port, work, "ct-after-rollback", 12)
+    result["rollback"]["study"] = ct_back(guest, console, port, work, "ct-after-rollback", 12)
     guest.unplug("stick2")
     result["audit"] = [e for e in guest.events() if e.get("event") != "skip"]
 
@@ -431,7 +432,6 @@ def main() -> int:
     work.mkdir(parents=True)
 
     from appliance.synth.projections import write_synthetic_projections
-    from appliance.synth.study import write_synthetic_ct
     from bench.ingest import DcmtkStoreSCP
 
     result: dict = {"image_sha256": manifest["sha256"], "git": manifest["git"]}
@@ -452,20 +452,11 @@ def main() -> int:
                                               args.timeout, 2.0)
             print(f"C-ECHO answered {result['first_echo_s']:.0f} s after qemu started", flush=True)
 
-            ct = write_synthetic_ct(work / "ct", shape_zyx=CT_SHAPE, dose_fraction=0.25, seed=7)
+            result["denoise"] = ct_back(guest, console, port, work, "ct", 7)
             pd = write_synthetic_projections(work / "ctpd", shape_zyx=PD_SHAPE, dose_fraction=0.25, n_views=120,
                                              seed=8)
-            for name, study, n, pipeline in (("denoise", ct, CT_SHAPE[0], "denoise"),
-                                              ("recon", pd, PD_SHAPE[0], "recon")):
-                t = guest.elapsed()
-                send(work / ("ct" if name == "denoise" else "ctpd"), port)
-                sent = guest.elapsed()
-                wait_for(f"the {name} study's derived series", lambda: derived_series(
-                    console.out, study.study_uid, n, pipeline), guest, 600, 2.0)
-                result[name] = {"sent_at_s": t, "sent_s": sent - t, "derived_series_back_s": guest.elapsed() - sent,
-                                "instances": n}
-                print(f"{name}: {n} instances sent in {sent - t:.1f} s, the derived series back "
-                      f"{guest.elapsed() - sent:.1f} s later", flush=True)
+            result["recon"] = study_back(guest, console, port, work / "ctpd", pd.study_uid, PD_SHAPE[0], "recon",
+                                         "ctpd")
             if not args.no_update:
                 updates(guest, console, port, image, manifest, work, result)
         result["power_cycles_after_a_hung_reboot"] = getattr(guest, "power_cycles", 0)

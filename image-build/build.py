@@ -140,7 +140,7 @@ def customize(root: Path, wheels: Path) -> None:
     shutil.copy(REPO / "systemd" / "appliance.service", lib / "systemd" / "system" / "appliance.service")
     shutil.copy(REPO / "systemd" / "appliance.sysusers", lib / "sysusers.d" / "appliance.conf")
     shutil.copy(REPO / "systemd" / "appliance.tmpfiles", lib / "tmpfiles.d" / "appliance.conf")
-    shutil.copytree(ROOTFS_FILES, root, dirs_exist_ok=True, symlinks=True)
+    install_tree(ROOTFS_FILES, root, int(epoch))
     (root / "etc" / "fstab").write_text(fstab())
     for mountpoint in ("data", "efi"):
         (root / mountpoint).mkdir(exist_ok=True)
@@ -198,6 +198,15 @@ def fstab() -> str:
 
 
 # ---- file systems and the disk --------------------------------------------------------------
+def install_tree(src: Path, dst: Path, epoch: int) -> None:
+    """Copy a tree of the checkout over ``dst`` with every copied path's times at ``epoch``: a
+    checkout's mtimes say when it was checked out, which is not an input of the image (`clamp_times`
+    only lowers times above the epoch, so an older checkout would leak its own)."""
+    shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=True)
+    for path in sorted(src.rglob("*"), reverse=True):  # children before their folder
+        os.utime(dst / path.relative_to(src), (epoch, epoch), follow_symlinks=False)
+
+
 def clamp_times(tree: Path, epoch: int) -> None:
     for path in [tree, *tree.rglob("*")]:
         st = path.lstat()
@@ -280,16 +289,49 @@ def disk(out: Path, parts: dict[str, Path]) -> None:
     total = 1 + sum(size for _, size, _ in PARTITIONS) + 1  # GPT before and its backup after
     with open(out, "wb") as f:
         f.truncate(total * MiB)
+    spans = layout([(name, size) for name, size, _ in PARTITIONS])
     lines = ["label: gpt", f"label-id: {guid('disk')}", "unit: sectors", "first-lba: 2048", ""]
-    start = 1
-    for name, size, ptype in PARTITIONS:
+    for name, _, ptype in PARTITIONS:
+        start, size = spans[name]
         lines.append(f"start={start * 2048}, size={size * 2048}, type={ptype}, uuid={partuuid(name)}, name=\"{name}\"")
-        start += size
     run("sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", out, input="\n".join(lines) + "\n", text=True)
-    start = 1
-    for name, size, _ in PARTITIONS:
-        run("dd", f"if={parts[name]}", f"of={out}", "bs=1M", f"seek={start}", "conv=notrunc,sparse", "status=none")
+    for name, _, _ in PARTITIONS:
+        place(parts[name], out, spans[name][0])
+
+
+def layout(partitions: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+    """(start, size) in MiB of each (name, size in MiB), in order after the GPT's first MiB: the
+    disk's layout, from `PARTITIONS` or from an image's manifest."""
+    spans, start = {}, 1
+    for name, size in partitions:
+        spans[name] = (start, size)
         start += size
+    return spans
+
+
+def manifest_layout(manifest: dict) -> dict[str, tuple[int, int]]:
+    """The layout of the image a manifest describes (the image's own, whatever `PARTITIONS` says now)."""
+    return layout([(p["name"], p["mib"]) for p in sorted(manifest["partitions"], key=lambda p: p["number"])])
+
+
+def place(part: Path, disk_img: Path, start_mib: int) -> None:
+    """Write a partition's file system into the disk image at ``start_mib``, sparse."""
+    run("dd", f"if={part}", f"of={disk_img}", "bs=1M", f"seek={start_mib}", "conv=notrunc,sparse", "status=none")
+
+
+def data_partition(img: Path, size_mib: int, config: str, uid: int, gid: int, epoch: int, work: Path) -> None:
+    """The data partition as a box first sees it: ``config`` at /data/etc/appliance.toml (beside
+    the rest of `DATA_FILES`) and an empty spool folder owned by the appliance's account."""
+    tree = work / "data"
+    shutil.rmtree(tree, ignore_errors=True)
+    install_tree(DATA_FILES, tree, epoch)
+    (tree / "etc" / "appliance.toml").write_text(config)
+    (tree / "appliance").mkdir()
+    os.chown(tree / "appliance", uid, gid)
+    os.chmod(tree / "appliance", 0o750)
+    clamp_times(tree, epoch)
+    ext4(img, size_mib, "data", tree, epoch)
+    shutil.rmtree(tree)
 
 
 # ---- the whole build ------------------------------------------------------------------------
@@ -323,22 +365,15 @@ def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
     packages = [dict(zip(("package", "version", "architecture"), line.split("\t")))
                 for line in (work / "packages.tsv").read_text().splitlines()]
     wheels = json.loads((work / "wheels.json").read_text())
-    # The data partition's first content: the configuration and an empty spool.
-    data = work / "data"
-    shutil.rmtree(data, ignore_errors=True)
-    shutil.copytree(DATA_FILES, data)
     owner = next(line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()
                  if line.startswith("appliance:"))
-    (data / "appliance").mkdir(mode=0o750)
-    os.chown(data / "appliance", int(owner[2]), int(owner[3]))
-    os.chmod(data / "appliance", 0o750)
-    for tree in (root, data):
-        clamp_times(tree, epoch)
+    uid, gid = int(owner[2]), int(owner[3])
+    clamp_times(root, epoch)
     imgs = {name: work / f"{name}.img" for name, _, _ in PARTITIONS}
     esp(imgs["esp"], root, epoch, work)
     ext4(imgs["root-a"], PARTITIONS[1][1], "root", root, epoch)
     ext4(imgs["root-b"], PARTITIONS[2][1], "root-b", None, epoch)
-    ext4(imgs["data"], PARTITIONS[3][1], "data", data, epoch)
+    data_partition(imgs["data"], PARTITIONS[3][1], (DATA_FILES / "etc" / "appliance.toml").read_text(), uid, gid, epoch, work)
     image = out / "appliance.img"
     disk(image, imgs)
     run("zstd", "--quiet", "--force", "-T2", "-10", image, "-o", out / "appliance.img.zst")
@@ -354,7 +389,7 @@ def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
         "update_bundle": {"file": update.name, "sha256": sha256(update), "version": version,
                           "keyring_sha256": sha256(bundle.KEYRING)},
         "source_date_epoch": epoch,
-        "appliance_account": {"uid": int(owner[2]), "gid": int(owner[3])},
+        "appliance_account": {"uid": uid, "gid": gid},
         "git": version,
         "debian": {"suite": SUITE, "mirror": MIRROR, "security": SECURITY, "packages": packages},
         "python": {"wheels": [{"file": name, "sha256": digest} for name, digest in wheels.items()],

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,21 +34,13 @@ def check(config: Path) -> None:
 def site_image(image: Path, config_text: str, out: Path) -> Path:
     manifest = json.loads((image.parent / "manifest.json").read_text())
     subprocess.run(["cp", "--sparse=always", str(image), str(out)], check=True)
+    account = manifest["appliance_account"]
+    start, size = build.manifest_layout(manifest)["data"]
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        data = Path(tmp) / "data"
-        shutil.copytree(build.DATA_FILES, data)
-        (data / "etc" / "appliance.toml").write_text(config_text)
-        account = manifest["appliance_account"]
-        (data / "appliance").mkdir(mode=0o750)
-        os.chown(data / "appliance", account["uid"], account["gid"])
-        epoch = manifest["source_date_epoch"]
-        build.clamp_times(data, epoch)
         part = Path(tmp) / "data.img"
-        (entry,) = [p for p in manifest["partitions"] if p["name"] == "data"]
-        build.ext4(part, entry["mib"], "data", data, epoch)
-        start = 1 + sum(p["mib"] for p in manifest["partitions"] if p["number"] < entry["number"])
-        subprocess.run(["dd", f"if={part}", f"of={out}", "bs=1M", f"seek={start}", "conv=notrunc,sparse",
-                        "status=none"], check=True)
+        build.data_partition(part, size, config_text, account["uid"], account["gid"], manifest["source_date_epoch"],
+                             Path(tmp))
+        build.place(part, out, start)
     return out
 
 

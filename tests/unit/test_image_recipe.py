@@ -120,3 +120,17 @@ def test_the_esp_step_gives_the_same_bytes_twice(tmp_path):
                                  env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
         assert "a.conf" in entries.stdout
     assert digests[0] == digests[1]
+
+
+def test_files_from_the_checkout_get_the_epoch_not_their_checkout_time(tmp_path):
+    """A checkout older than its last commit must not leak its own mtimes into the image."""
+    src = _tree(tmp_path / "src")
+    for path in [src, *src.rglob("*")]:
+        os.utime(path, (1_000_000_000, 1_000_000_000), follow_symlinks=False)  # 2001: before the epoch
+    dst = tmp_path / "dst"
+    (dst / "etc").mkdir(parents=True)  # an existing folder, as in the root file system
+    build.install_tree(src, dst, EPOCH)
+    copied = [dst / p.relative_to(src) for p in src.rglob("*")]
+    assert copied and all(p.lstat().st_mtime == EPOCH for p in copied)
+    assert (dst / "usr" / "bin" / "tool").read_bytes() == (src / "usr" / "bin" / "tool").read_bytes()
+    assert (dst / "usr" / "bin" / "tool").stat().st_mode & 0o777 == 0o755
