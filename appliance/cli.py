@@ -156,16 +156,90 @@ def _cmd_synth_ctpd(args: argparse.Namespace) -> int:
 
 
 def _model_and_cache(args: argparse.Namespace) -> tuple[Path, Path]:
-    denoise = config_mod.load(args.config).denoise
-    return args.model or denoise.model, args.cache or denoise.engine_cache
+    """The card ``--model`` names, else the one ``[denoise] model`` names now (the model store's
+    active version, else the packaged model); and the engine cache."""
+    from engines.card import CardError
+    from engines.store import StoreError
+
+    cfg = config_mod.load(args.config)
+    if args.model is not None:
+        return args.model, args.cache or cfg.denoise.engine_cache
+    try:
+        card = cfg.model_store().resolve(cfg.denoise.model).card
+    except StoreError as exc:
+        raise CardError(str(exc)) from exc
+    return card, args.cache or cfg.denoise.engine_cache
+
+
+def _store(args: argparse.Namespace):
+    return config_mod.load(args.config).model_store()
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from engines.store import StoreError
+
+    store = _store(args)
+    try:
+        rows = store.rows()
+    except StoreError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"model store {store.root} (keyring: {store.keyring or 'none: hashes checked, signatures not'})")
+    for r in rows:
+        mark = "*" if r.active else " "
+        extra = f"  installed {r.installed_at} by {r.installed_by}" if r.installed_at else ""
+        signer = f"  signed by {r.signer}" if r.signer else ("  unsigned" if r.origin == "store" else "")
+        print(f"{mark} {r.name}  {r.version}  sha256 {r.sha256[:12]}...{extra}{signer}")
+    print("(* active: what [denoise] model = NAME uses for new jobs)")
+    return 0
+
+
+def _cmd_models_install(args: argparse.Namespace) -> int:
+    from engines.store import StoreError
+
+    store = _store(args)
+    try:
+        row = store.install(args.card, signature=args.signature, activate=args.activate)
+    except StoreError as exc:
+        print(f"model not installed: {exc}", file=sys.stderr)
+        return 2
+    state = "installed and active" if row.active else f"installed (activate: appliance models activate {row.name} " \
+                                                       f"{row.version})"
+    print(f"{row.name} {row.version}: {state}; sha256 {row.sha256[:12]}...; "
+          f"{'signed by ' + row.signer if row.signer else 'signature not checked (no keyring)'}")
+    return 0
+
+
+def _cmd_models_activate(args: argparse.Namespace) -> int:
+    from engines.store import StoreError
+
+    try:
+        previous, new = _store(args).activate(args.name, args.version)
+    except StoreError as exc:
+        print(f"not activated: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {previous} -> {new}; the daemon loads it before its next job")
+    return 0
+
+
+def _cmd_models_rollback(args: argparse.Namespace) -> int:
+    from engines.store import StoreError
+
+    try:
+        current, back = _store(args).rollback(args.name)
+    except StoreError as exc:
+        print(f"not rolled back: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {current} -> {back}; the daemon loads it before its next job")
+    return 0
 
 
 def _cmd_engines_verify(args: argparse.Namespace) -> int:
     from engines.card import CardError
     from engines.manage import verify
 
-    model, _ = _model_and_cache(args)
     try:
+        model, _ = _model_and_cache(args)
         print(verify(model))
     except CardError as exc:
         print(f"model refused: {exc}", file=sys.stderr)
@@ -179,8 +253,8 @@ def _cmd_engines_build(args: argparse.Namespace) -> int:
     from engines.manage import build
     from engines.runtime import BackendUnavailable
 
-    model, cache = _model_and_cache(args)
     try:
+        model, cache = _model_and_cache(args)
         key, path = build(model, cache, args.compute_capability, args.precision, args.max_batch)
     except (CardError, EngineBuildError, BackendUnavailable) as exc:
         print(f"engine not built: {exc}", file=sys.stderr)
@@ -192,7 +266,7 @@ def _cmd_engines_build(args: argparse.Namespace) -> int:
 def _cmd_engines_list(args: argparse.Namespace) -> int:
     from engines.manage import listing
 
-    _, cache = _model_and_cache(args)
+    cache = args.cache or config_mod.load(args.config).denoise.engine_cache
     rows = listing(cache)
     print("\n".join(rows) if rows else f"no engines in {cache}")
     return 0
@@ -259,6 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
             e.add_argument("--max-batch", type=int, default=16)
         e.set_defaults(func=func)
+
+    models = sub.add_parser("models", help="denoiser models on this box: install, activate, roll back (model store)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    ml = models_sub.add_parser("list", help="packaged and installed models, the active one marked")
+    mi = models_sub.add_parser("install", help="install a model (card + ONNX beside it) as a new version")
+    mi.add_argument("card", type=Path, help="the model card (TOML); its ONNX file beside it")
+    mi.add_argument("--signature", type=Path, default=None,
+                    help="detached CMS signature of the card (default: CARD.sig when present; required with a keyring)")
+    mi.add_argument("--activate", action="store_true", help="make it the active version at once")
+    ma = models_sub.add_parser("activate", help="make an installed version (or 'packaged') the active one")
+    ma.add_argument("name")
+    ma.add_argument("version")
+    mr = models_sub.add_parser("rollback", help="back to the version active before the current one")
+    mr.add_argument("name")
+    for m, func in ((ml, _cmd_models_list), (mi, _cmd_models_install), (ma, _cmd_models_activate),
+                    (mr, _cmd_models_rollback)):
+        m.add_argument("--config", type=Path, default=None)
+        m.set_defaults(func=func)
 
     from bench.cli import add_arguments as add_bench_arguments
 

@@ -196,14 +196,31 @@ class ReconConfig(_Section):
 class DenoiseConfig(_Section):
     """The ``denoise`` pipeline: a model (ONNX + card) run by TensorRT or its CPU twin."""
 
-    model: Path = Field(
-        Path(__file__).resolve().parent.parent / "engines" / "models" / "reference-redcnn.toml",
-        description="the model card (TOML) beside its ONNX file; default: the reference model (not clinical)",
+    model: str = Field(
+        "reference-redcnn",
+        description="a model name: its active version in the model store ([models], `appliance models`), else "
+        "the packaged model of that name; or the path of a card (TOML beside its ONNX file). Default: the "
+        "reference model (not clinical)",
     )
     backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
     engine_cache: Path = Field(Path("/var/cache/appliance/engines"), description="built TensorRT engines")
     slab: int = Field(16, ge=1, description="slices per inference batch (bounds memory for any series length)")
     tile: int | None = Field(None, ge=64, description="in-plane tile size; None: whole slices")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, Path) else v
+
+
+class ModelsConfig(_Section):
+    """The model store (`engines.store`): models installed, activated and rolled back on a running box."""
+
+    store: Path | None = Field(None, description="default: <storage.root>/models (the data partition)")
+    keyring: Path | None = Field(
+        None, description="X.509 CA certificates (PEM); when set, a model installs only with a detached CMS "
+        "signature of its card that verifies against them"
+    )
 
 
 class DerivedConfig(_Section):
@@ -268,11 +285,18 @@ class ApplianceConfig(_Section):
     )
     recon: ReconConfig = Field(default_factory=ReconConfig)
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     derived: DerivedConfig = Field(default_factory=DerivedConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+
+    def model_store(self):
+        """The model store this configuration names (`engines.store.ModelStore`)."""
+        from engines.store import ModelStore
+
+        return ModelStore(self.models.store or self.storage.root / "models", keyring=self.models.keyring)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> ApplianceConfig:

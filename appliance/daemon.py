@@ -130,13 +130,14 @@ class Daemon:
     def _new_stream(self, row: SeriesRow, header: InstanceHeader) -> SeriesStream:
         stream = SeriesStream(row.series_uid, row.generation, row.calling_ae, context=1)
         rule = route(self.cfg.routes, row.calling_ae, header.dataset, "images") if header.dataset else None
-        pipeline = self.pipelines.get(rule.pipeline) if rule is not None else None
+        pipeline = self.worker.pipeline(rule.pipeline) if rule is not None and rule.pipeline in self.pipelines else None
         if not self.cfg.streaming.enabled or pipeline is None or not pipeline.streams or not rule.destinations:
             stream.fallback, stream.fallback_detail = "batch_pipeline", "the route's pipeline needs the whole series"
         else:
             stream.context_model = pipeline.context_slices
             stream.context = max(1, pipeline.context_slices)
             stream.rule = rule
+            stream.pipeline = pipeline
             existing = [j for j in self.jobs.for_series(row.series_uid, row.generation) if j.label == ""]
             if existing:  # a job from before a restart: the batch way finishes it
                 stream.fallback, stream.fallback_detail = "resumed", "streaming began before a restart"
@@ -184,7 +185,7 @@ class Daemon:
                 study_uid=row.study_uid, series_uid=row.series_uid, job_id=job.id, pipeline=job.pipeline,
                 label="", shape=list(slab.volume.shape), queued_at=_utc(job.queued_at),
             ))
-        self.worker.submit_slab(stream.job, slab, final)
+        self.worker.submit_slab(stream.job, slab, final, stream.pipeline)
 
     def _finish_stream(self, row: SeriesRow, stream: SeriesStream, paths) -> bool:
         """At completion of a series that streamed: its last slab, if the whole series is what the

@@ -54,7 +54,7 @@ log = get_logger(__name__)
 
 SCHEMA_VERSION: int = 1
 TOPICS = ("series.received", "series.rejected", "stream.fallback", "job.queued", "job.started", "stage.done",
-          "job.done", "export.done", "job.failed", "health")
+          "job.done", "export.done", "job.failed", "model.changed", "health")
 
 
 class EventDecodeError(ValueError):
@@ -167,6 +167,8 @@ class StageDone(_EventBase):
 class JobDone(_EventBase):
     topic: Literal["job.done"] = "job.done"
     pipeline: str
+    pipeline_version: str | None = Field(None, description="as in the derived series' DerivationDescription: "
+                                         "the appliance's version and the model's name and version")
     label: str
     derived_series_uid: str
     instances: int
@@ -192,6 +194,15 @@ class JobFailed(_EventBase):
     will_retry: bool = False
 
 
+class ModelChanged(_EventBase):
+    topic: Literal["model.changed"] = "model.changed"
+    pipeline: str
+    ok: bool = Field(description="false: the newly active model did not load and the previous one stays in use")
+    previous: str = Field(description="pipeline version before (appliance version + model name and version)")
+    current: str = Field(description="pipeline version now in use for new jobs")
+    detail: str
+
+
 class Health(_EventBase):
     topic: Literal["health"] = "health"
     version: str
@@ -202,7 +213,8 @@ class Health(_EventBase):
 
 
 Event = Annotated[
-    Union[SeriesReceived, SeriesRejected, StreamFallback, JobQueued, JobStarted, StageDone, JobDone, ExportDone, JobFailed, Health],
+    Union[SeriesReceived, SeriesRejected, StreamFallback, JobQueued, JobStarted, StageDone, JobDone, ExportDone, JobFailed,
+          ModelChanged, Health],
     Field(discriminator="topic"),
 ]
 _EVENT = TypeAdapter(Event)

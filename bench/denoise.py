@@ -39,7 +39,7 @@ def _volume(slices: int, rows: int, cols: int) -> np.ndarray:
 
 
 def run(cfg: ApplianceConfig, plan: Plan, work: Path, progress: Progress) -> tuple[list[Result], dict[str, str]]:
-    card, onnx_path = load_card(cfg.denoise.model)
+    card, onnx_path = load_card(cfg.model_store().resolve(cfg.denoise.model).card)
     results, skipped = [], {}
     for backend in backends():
         try:

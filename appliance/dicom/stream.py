@@ -73,6 +73,7 @@ class SeriesStream:
     job_id: int | None = None
     job: object = None  # the Job snapshot slabs are submitted with
     rule: object = None  # the routing rule chosen at the first instance
+    pipeline: object = None  # its pipeline then: every slab of the series goes through the same model
     slabs: int = 0
 
     @property

@@ -43,6 +43,11 @@ class Pipeline:
     stages: list[Stage] = field(default_factory=list)
     streams: bool = False
     context_slices: int = 0
+    # A pipeline that runs a model from the model store: ``model`` identifies what it loaded (the
+    # card's path), ``wanted`` what the configuration and the store name now. When they differ the
+    # worker builds the pipeline again for the next job (`appliance models activate`).
+    model: str | None = None
+    wanted: Callable[[], str] | None = field(default=None, compare=False)
 
     def run(self, volume: Volume, on_stage_done: Callable[[str, float], None] | None = None) -> tuple[Volume, dict[str, float]]:
         """Run every stage in order; returns the result and seconds per stage."""

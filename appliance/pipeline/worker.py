@@ -26,7 +26,7 @@ from appliance.dicom.derive import derive_datasets, write_derived
 from appliance.dicom.export import Outbox
 from appliance.dicom.spool import RECEIVING, Spool
 from appliance.dicom.stream import Slab, crop
-from appliance.events import JobDone, JobFailed, JobStarted, Publisher, StageDone
+from appliance.events import JobDone, JobFailed, JobStarted, ModelChanged, Publisher, StageDone
 from appliance.logging import get_logger
 from appliance.pipeline import stages
 from appliance.pipeline.jobs import RUNNING, STREAMING, Job, JobQueue
@@ -51,6 +51,7 @@ class SlabTask:
     job: Job
     slab: Slab
     final: bool
+    pipeline: stages.Pipeline | None = None  # the one the stream began with: one model for the whole series
 
 
 class Worker(BackgroundLoop):
@@ -79,6 +80,8 @@ class Worker(BackgroundLoop):
         self._slabs: collections.deque[SlabTask] = collections.deque()  # streamed slabs, in order
         self._job_stages: dict[int, dict[str, float]] = {}  # stage seconds summed over a job's slabs
         self.failed_streams: set[int] = set()  # jobs whose slab failed: the assembler falls back to batch
+        self._pipelines_lock = threading.Lock()  # the assembler (new streams) and this thread ask for pipelines
+        self._reload_failed: dict[str, str] = {}  # pipeline -> the model that would not load (not retried)
 
     # ---- hand-over -------------------------------------------------------------------------
     def submit(self, job: Job, volume: Volume) -> None:
@@ -87,17 +90,46 @@ class Worker(BackgroundLoop):
             self._volumes[job.id] = volume
         self.notify()
 
-    def submit_slab(self, job: Job, slab: Slab, final: bool) -> None:
-        """A slab of a streamed series (from the assembler thread, in slab order)."""
-        self._slabs.append(SlabTask(job, slab, final))
+    def submit_slab(self, job: Job, slab: Slab, final: bool, pipeline: stages.Pipeline | None = None) -> None:
+        """A slab of a streamed series (from the assembler thread, in slab order), with the
+        pipeline its stream began with."""
+        self._slabs.append(SlabTask(job, slab, final, pipeline))
         self.notify()
 
-    def _pipeline(self, name: str) -> stages.Pipeline:
-        """The pipelines the daemon built at start; another name (a job queued under an older
-        configuration) is built now."""
-        if name not in self.pipelines:
-            self.pipelines[name] = stages.build(name, self.cfg)
-        return self.pipelines[name]
+    def pipeline(self, name: str) -> stages.Pipeline:
+        """The pipeline a new job gets. Built at start; another name (a job queued under an older
+        configuration) is built now; a pipeline whose model the store changed since
+        (`appliance models activate | rollback`) is built again, and if the new model does not load
+        the one in use stays, said once in the log and as a ``model.changed`` event with ok false."""
+        with self._pipelines_lock:
+            current = self.pipelines.get(name)
+            if current is None:
+                current = self.pipelines[name] = stages.build(name, self.cfg)
+                return current
+            if current.wanted is None:
+                return current
+            wanted = current.wanted()
+            if wanted == current.model or self._reload_failed.get(name) == wanted:
+                return current
+            try:
+                fresh = stages.build(name, self.cfg)
+            except Exception as exc:
+                self._reload_failed[name] = wanted
+                detail = f"{type(exc).__name__}: {exc}"
+                log.error("pipeline.model_not_loaded", pipeline=name, wanted=wanted, kept=current.version,
+                          detail=detail)
+                self.publisher.publish(ModelChanged(pipeline=name, ok=False, previous=current.version,
+                                                    current=current.version, detail=detail))
+                return current
+            self._reload_failed.pop(name, None)
+            self.pipelines[name] = fresh
+            log.info("pipeline.model_changed", pipeline=name, previous=current.version, current=fresh.version,
+                     card=fresh.model)
+            self.publisher.publish(ModelChanged(pipeline=name, ok=True, previous=current.version,
+                                                current=fresh.version, detail=f"loaded {fresh.model}"))
+            return fresh
+
+    _pipeline = pipeline
 
     def discard(self, job_id: int) -> None:
         """Forget the volume kept for a job that will not run (superseded)."""
@@ -162,7 +194,7 @@ class Worker(BackgroundLoop):
         if job.id in self.failed_streams:
             return  # an earlier slab failed: the series goes the batch way at completion
         try:
-            self.run_slab(job, task.slab.volume, task.slab.crop, task.final, index)
+            self.run_slab(job, task.slab.volume, task.slab.crop, task.final, index, task.pipeline)
         except Exception as exc:
             reason = exc.reason if isinstance(exc, stages.StageError) else "pipeline_error"
             detail = exc.detail if isinstance(exc, stages.StageError) else f"{type(exc).__name__}: {exc}"
@@ -178,9 +210,9 @@ class Worker(BackgroundLoop):
                 self.notify()
 
     def run_slab(self, job: Job, volume: Volume, crop_to: tuple[int, int] | None, final: bool,
-                 index: int | None = None) -> None:
+                 index: int | None = None, pipeline: stages.Pipeline | None = None) -> None:
         """Pipeline, crop, derive, write, outbox for one slab (``crop_to`` None: the whole volume)."""
-        pipeline = self._pipeline(job.pipeline)
+        pipeline = pipeline or self.pipeline(job.pipeline)
         attempt = max(1, job.attempts)
         slices = (crop_to[1] - crop_to[0]) if crop_to else (volume.shape[0] if isinstance(volume, Volume) else None)
         result, stage_seconds = pipeline.run(volume, on_stage_done=lambda name, s: self.publisher.publish(StageDone(
@@ -228,7 +260,7 @@ class Worker(BackgroundLoop):
                  timings={k: round(v, 3) for k, v in timings.items()})
         self.publisher.publish(
             JobDone(study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=pipeline.name,
-                    label=job.label, derived_series_uid=derived_uid, instances=instances, timings=timings),
+                    pipeline_version=pipeline.version, label=job.label, derived_series_uid=derived_uid, instances=instances, timings=timings),
             buffer=result.voxels if self.cfg.events.include_results else None,
         )
         self.on_exporting(self.jobs.get(job.id))

@@ -30,7 +30,8 @@ from kernels import build
 venv = Path(sys.argv[1]).resolve()
 for module in (appliance, engines, kernels):
     assert Path(module.__file__).resolve().is_relative_to(venv), module.__file__
-card = ApplianceConfig().denoise.model
+cfg = ApplianceConfig()
+card = cfg.model_store().resolve(cfg.denoise.model).card
 assert card.is_file() and card.resolve().is_relative_to(venv), card
 host = build.build_host()
 assert host.resolve().is_relative_to(build.PREBUILT_DIR.resolve()), host

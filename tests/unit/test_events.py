@@ -35,6 +35,7 @@ from appliance.events import (
     JobFailed,
     JobQueued,
     JobStarted,
+    ModelChanged,
     Publisher,
     SeriesReceived,
     SeriesRejected,
@@ -72,6 +73,8 @@ def _one_of_each() -> list:
                   will_retry=True),
         Health(version="0.1.0", uptime_s=3600.5, queued_jobs=2, pending_exports=1, free_bytes=250 * 2**30),
         StreamFallback(**ids, reason="missing_slice", detail="1 slice missing after 40.0 mm", streamed_slices=32),
+        ModelChanged(pipeline="denoise", ok=True, previous="0.1.0+reference-redcnn-1.0.0",
+                     current="0.1.0+reference-redcnn-1.1.0", detail="loaded /var/lib/appliance/models/x/card.toml"),
     ]
 
 
