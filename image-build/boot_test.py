@@ -11,8 +11,10 @@
    (the nested /dev/kvm on these machines does not run it: ../shared/IMAGE.md).
 3. Passes when: ``echoscu`` is answered; a low-dose CT study sent with ``storescu`` comes back
    denoised; a projection-data (DICOM-CT-PD) study comes back reconstructed. All of it on the host's
-   storescp. Then (unless --no-update), as a field engineer would, with USB sticks hot-plugged through
-   qemu's monitor:
+   storescp; a stick with a signed model (models/*.toml) makes that model active without a reboot,
+   and the next CT study comes back made by it (its version in DerivationDescription, its output
+   its input: the boot test's model is `engines.train.identity`). Then (unless --no-update), as a
+   field engineer would, with USB sticks hot-plugged through qemu's monitor:
    - a stick with a bundle signed by a stranger and the image's own update bundle: the first is
      refused, the second installed into slot B; B boots on trial, is healthy and committed, and
      denoises a study;
@@ -104,7 +106,7 @@ def qemu_command(disk: Path, vars_fd: Path, port: int, accel: str, monitor: Path
     cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
     return ["qemu-system-x86_64", "-machine", "q35", "-m", "2048", "-smp", "2", *cpu,
             "-display", "none", "-serial", "stdio", "-monitor", f"unix:{monitor},server,nowait",
-            "-device", "qemu-xhci,id=xhci", "-device", "qemu-xhci,id=xhci2",
+            "-device", "qemu-xhci,id=xhci", "-device", "qemu-xhci,id=xhci2", "-device", "qemu-xhci,id=xhci3",
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={vars_fd}",
             "-drive", f"if=virtio,format=raw,file={disk},cache=unsafe",
@@ -313,8 +315,9 @@ def stick(work: Path, name: str, files: dict[str, Path]) -> Path:
     tree = work / name
     tree.mkdir()
     for target, src in files.items():
+        (tree / target).parent.mkdir(parents=True, exist_ok=True)
         os.link(src, tree / target)
-    mib = sum(p.stat().st_size for p in tree.iterdir()) // (1 << 20) + 64
+    mib = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()) // (1 << 20) + 64
     img = work / f"{name}.img"
     subprocess.run(["mkfs.ext4", "-q", "-L", "APPUPDATE", "-d", str(tree), str(img), f"{mib}M"], check=True,
                    stdout=subprocess.DEVNULL)
@@ -333,7 +336,12 @@ def study_back(guest: Guest, console, port: int, folder: Path, study_uid: str, n
              guest, 600, 2.0)
     back = guest.elapsed() - sent
     print(f"{name}: {n} instances sent in {sent - t:.1f} s, the {pipeline} series back {back:.1f} s later", flush=True)
-    return {"sent_at_s": t, "sent_s": sent - t, "derived_series_back_s": back, "instances": n}
+    import pydicom
+
+    files = derived_series(console.out, study_uid, n, pipeline)
+    made_by = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).DerivationDescription) for f in files})
+    return {"sent_at_s": t, "sent_s": sent - t, "derived_series_back_s": back, "instances": n,
+            "derivation": made_by}
 
 
 def ct_back(guest: Guest, console, port: int, work: Path, name: str, seed: int) -> dict:
@@ -345,6 +353,43 @@ def write_ct(folder: Path, seed: int):
     from appliance.synth.study import write_synthetic_ct
 
     return write_synthetic_ct(folder, shape_zyx=CT_SHAPE, dose_fraction=0.25, seed=seed)
+
+
+MODEL_VERSION = "2.0.0-boot"  # the boot test's model: the reference card with a network that returns its input
+
+
+def model_stick(guest: Guest, console, port: int, work: Path, result: dict) -> None:
+    """A field engineer installs a model without a firmware update: a stick with a signed model card
+    (models/*.toml, its ONNX file and signature beside it). The running appliance denoises the next
+    study with it, and says so in DerivationDescription; no reboot."""
+    import numpy as np
+
+    from appliance.config import AssemblyConfig
+    from appliance.dicom.assemble import assemble_series
+    from engines.train.identity import write_identity_model
+
+    card = write_identity_model(work / "model", MODEL_VERSION)
+    onnx = card.with_suffix(".onnx")
+    sig = card.with_name(card.name + ".sig")
+    subprocess.run(["openssl", "cms", "-sign", "-binary", "-outform", "DER", "-in", str(card), "-signer",
+                    str(bundle.CERT), "-inkey", str(bundle.KEY), "-out", str(sig)], check=True, capture_output=True)
+    img = stick(work, "stick-model", {f"models/{p.name}": p for p in (card, onnx, sig)})
+    n = len(guest.events())
+    t = guest.elapsed()
+    guest.plug("stick-model", img, bus="xhci3.0")
+    guest.wait_event("model-activated", 600, after=n, version=MODEL_VERSION)
+    activated = guest.elapsed() - t
+    print(f"model: {card.stem} installed and active {activated:.0f} s after its stick was plugged in", flush=True)
+    ct = write_ct(work / "ct-model", 9)
+    back = study_back(guest, console, port, work / "ct-model", ct.study_uid, CT_SHAPE[0],
+                      f"reference-redcnn-{MODEL_VERSION}", "ct-model")
+    (vol,) = assemble_series(derived_series(console.out, ct.study_uid, CT_SHAPE[0], "denoise"),
+                             AssemblyConfig()).volumes
+    worst = float(np.abs(vol.voxels[::-1] - ct.hu).max())
+    if worst > 1.0:  # the model returns its input: anything else is not the model the stick carried
+        raise Failed(f"the study denoised with {MODEL_VERSION} differs from its input by up to {worst:.1f} HU")
+    guest.unplug("stick-model")
+    result["model"] = {"version": MODEL_VERSION, "active_s": activated, "study": back, "max_abs_diff_hu": worst}
 
 
 def updates(guest: Guest, console, port: int, image: Path, manifest: dict, work: Path, result: dict) -> None:
@@ -457,6 +502,7 @@ def main() -> int:
                                              seed=8)
             result["recon"] = study_back(guest, console, port, work / "ctpd", pd.study_uid, PD_SHAPE[0], "recon",
                                          "ctpd")
+            model_stick(guest, console, port, work, result)
             if not args.no_update:
                 updates(guest, console, port, image, manifest, work, result)
         result["power_cycles_after_a_hung_reboot"] = getattr(guest, "power_cycles", 0)
@@ -469,7 +515,7 @@ def main() -> int:
     finally:
         if guest is not None:
             guest.stop()
-        for big in ("disk.img", "stick1.img", "stick2.img", "stranger.raucb", "broken.raucb", "rootfs.ext4"):
+        for big in ("disk.img", "stick1.img", "stick2.img", "stick-model.img", "stranger.raucb", "broken.raucb", "rootfs.ext4"):
             (work / big).unlink(missing_ok=True)
         (work / "boot-test.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k not in ("failure", "audit")}, indent=1))

@@ -54,6 +54,7 @@ PACKAGES = [
     "systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools", "zstd", "kmod",
     "e2fsprogs", "dosfstools", "iproute2", "python3", "python3-venv", "libgomp1", "ca-certificates",
     "rauc", "rauc-service",
+    "openssl",  # `appliance models install` verifies a model's signature with it (engines/store.py)
 ]
 # Modules the initrd needs to find a root file system on the boxes and in qemu (a list, not
 # Debian's "most": its all-modules initrd cost 50 s of a TCG boot, ../shared/IMAGE.md).
@@ -145,6 +146,8 @@ def customize(root: Path, wheels: Path) -> None:
     for mountpoint in ("data", "efi"):
         (root / mountpoint).mkdir(exist_ok=True)
     (root / "etc" / "hostname").write_text("appliance\n")
+    (root / "usr" / "local" / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "usr" / "local" / "bin" / "appliance").symlink_to(f"{VENV}/bin/appliance")
     chroot(root, "systemd-sysusers")
     chroot(root, "systemd-tmpfiles", "--create", "--prefix=/var/lib/appliance", "--prefix=/etc/appliance")
     (root / "usr" / "lib" / "appliance-image" / "kernel-cmdline").write_text(KERNEL_CMDLINE + "\n")

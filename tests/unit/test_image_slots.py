@@ -81,3 +81,47 @@ def test_marking_the_committed_slot_good_again_changes_nothing(slots):
     slots.backend("set-state", ["a", "good"])
     assert slots.committed() == "a" and slots.read_var("LoaderEntryOneShot") is None
     assert not slots.AUDIT.exists() or all(e["event"] != "commit" for e in _audit(slots))
+
+
+
+def test_a_model_stick_installs_activates_and_rolls_back_signed_models(slots, tmp_path, monkeypatch):
+    """models/*.toml on an APPUPDATE stick: a signed model is installed and made active, an unsigned
+    one is refused, and the older card on a later stick makes that version active again."""
+    import sys
+
+    from engines.store import ModelStore
+    from tests.unit.test_model_store import identity_model, make_keys, sign
+
+    keys = make_keys(tmp_path / "keys")
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[storage]\nroot = "{tmp_path / "spool"}"\n')  # no keyring: the stick path sets it
+    appliance = tmp_path / "appliance"
+    appliance.write_text(f"#!/bin/sh\nexec {sys.executable} -m appliance \"$@\"\n")
+    appliance.chmod(0o755)
+    monkeypatch.setattr(slots, "APPLIANCE", str(appliance))
+    monkeypatch.setattr(slots, "MODEL_KEYRING", keys / "ca.pem")
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(config))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+
+    stick = tmp_path / "stick"
+    v2 = identity_model(stick / "models", "2.0.0")
+    sign(v2, keys)
+    identity_model(stick / "models", "2.1.0")  # not signed
+    slots.models_from_media(stick, "/dev/sdz")
+    store = ModelStore(tmp_path / "spool" / "models")
+    assert store.resolve("reference-redcnn").version == "2.0.0"
+    events = [(e["event"], e.get("version")) for e in _audit(slots)]
+    assert events == [("model-activated", "2.0.0"), ("model-refused", "2.1.0")]
+    assert "no signature" in _audit(slots)[-1]["reason"]
+
+    later = tmp_path / "stick2"
+    v3 = identity_model(later / "models", "3.0.0")
+    sign(v3, keys)
+    slots.models_from_media(later, "/dev/sdz")
+    assert store.resolve("reference-redcnn").version == "3.0.0"
+    slots.models_from_media(stick, "/dev/sdz")  # the first stick again: 2.0.0 back
+    assert store.resolve("reference-redcnn").version == "2.0.0"
+    slots.models_from_media(stick, "/dev/sdz")  # and again: nothing to do
+    assert [e["event"] for e in _audit(slots)][-4:] == ["model-activated", "model-refused", "skip", "model-refused"]
+    assert [a["action"] for a in store.audit_lines() if a["action"] != "model.install_refused"] == [
+        "model.installed", "model.activated", "model.installed", "model.activated", "model.activated"]

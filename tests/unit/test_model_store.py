@@ -31,10 +31,9 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    """A CA, a signer it certifies, and a stranger's self-signed CA and signer (made here)."""
-    d = tmp_path_factory.mktemp("keys")
+def make_keys(d: Path) -> Path:
+    """A CA, a signer it certifies, and a stranger's self-signed CA and signer, in ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
     for who in ("ca", "stranger-ca"):
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-keyout", f"{who}.key", "-out", f"{who}.pem", "-days", "30", "-subj", f"/O=Test/CN={who}",
@@ -47,6 +46,11 @@ def keys(tmp_path_factory) -> Path:
         _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
                  "-CAcreateserial", "-out", f"{who}.pem", "-days", "30", "-extfile", f"{who}.ext", cwd=d)
     return d
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def sign(card: Path, keys: Path, who: str = "signer") -> Path:
