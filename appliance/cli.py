@@ -171,6 +171,30 @@ def _model_and_cache(args: argparse.Namespace) -> tuple[Path, Path]:
     return card, args.cache or cfg.denoise.engine_cache
 
 
+def _cmd_diag(args: argparse.Namespace) -> int:
+    from appliance.diag import collect, default_name
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    out = args.out or Path.cwd() / default_name()
+    if out.is_dir():
+        out = out / default_name()
+    try:
+        path, report = collect(cfg, out, logs=args.log, use_journal=not args.no_journal, since=args.since)
+    except OSError as exc:
+        print(f"no diagnostic bundle: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path} ({path.stat().st_size} bytes): {', '.join(report['files'])}")
+    print(f"scrubbed: {report['uids_tokenised']} UID(s) tokenised, {report['person_names_removed']} person name(s) "
+          f"and {report['patient_values_removed']} patient value(s) removed")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
 def _store(args: argparse.Namespace):
     return config_mod.load(args.config).model_store()
 
@@ -351,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
                     (mr, _cmd_models_rollback)):
         m.add_argument("--config", type=Path, default=None)
         m.set_defaults(func=func)
+
+    diag = sub.add_parser("diag", help="a diagnostic bundle for the vendor: logs, state, configuration, versions; "
+                          "no patient data (README.txt inside says what was removed)")
+    diag.add_argument("--out", type=Path, default=None,
+                      help="the .tar.gz to write, or a folder for it (default: appliance-diag-HOST-TIME.tar.gz here)")
+    diag.add_argument("--log", type=Path, action="append", default=[], help="a log file to add (repeatable)")
+    diag.add_argument("--no-journal", action="store_true", help="leave the systemd journal out")
+    diag.add_argument("--since", default="-7d", help="journal entries since this (journalctl --since; default -7d)")
+    diag.add_argument("--config", type=Path, default=None)
+    diag.set_defaults(func=_cmd_diag)
 
     from bench.cli import add_arguments as add_bench_arguments
 

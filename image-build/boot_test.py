@@ -147,9 +147,9 @@ class Guest:
         text = out.decode(errors="replace").replace("(qemu)", "").strip()
         return text.split("\n", 1)[1].strip() if "\n" in text else ""
 
-    def plug(self, name: str, image: Path, bus: str = "xhci.0") -> None:
+    def plug(self, name: str, image: Path, bus: str = "xhci.0", writable: bool = False) -> None:
         """A USB stick: what a field engineer plugs into the box."""
-        for cmd in (f"drive_add 0 if=none,id={name},format=raw,readonly=on,file={image}",
+        for cmd in (f"drive_add 0 if=none,id={name},format=raw,readonly={'off' if writable else 'on'},file={image}",
                     f"device_add usb-storage,bus={bus},drive={name},id={name}-dev"):
             out = self.hmp(cmd)
             if "rror" in out:
@@ -373,10 +373,14 @@ def model_stick(guest: Guest, console, port: int, work: Path, result: dict) -> N
     sig = card.with_name(card.name + ".sig")
     subprocess.run(["openssl", "cms", "-sign", "-binary", "-outform", "DER", "-in", str(card), "-signer",
                     str(bundle.CERT), "-inkey", str(bundle.KEY), "-out", str(sig)], check=True, capture_output=True)
-    img = stick(work, "stick-model", {f"models/{p.name}": p for p in (card, onnx, sig)})
+    (work / "collect-diagnostics").write_text("")
+    img = stick(work, "stick-model", {**{f"models/{p.name}": p for p in (card, onnx, sig)},
+                                      "collect-diagnostics": work / "collect-diagnostics"})
     n = len(guest.events())
     t = guest.elapsed()
-    guest.plug("stick-model", img, bus="xhci3.0")
+    guest.plug("stick-model", img, bus="xhci3.0", writable=True)
+    _, diag = guest.wait_event("diagnostics", 600, after=n)
+    diag_s = guest.elapsed() - t
     guest.wait_event("model-activated", 600, after=n, version=MODEL_VERSION)
     activated = guest.elapsed() - t
     print(f"model: {card.stem} installed and active {activated:.0f} s after its stick was plugged in", flush=True)
@@ -390,6 +394,46 @@ def model_stick(guest: Guest, console, port: int, work: Path, result: dict) -> N
         raise Failed(f"the study denoised with {MODEL_VERSION} differs from its input by up to {worst:.1f} HU")
     guest.unplug("stick-model")
     result["model"] = {"version": MODEL_VERSION, "active_s": activated, "study": back, "max_abs_diff_hu": worst}
+    result["diagnostics"] = {"written_s": diag_s, **check_diagnostics(img, work)}
+
+
+def check_diagnostics(img: Path, work: Path) -> dict:
+    """The diagnostic bundle the guest wrote onto the stick: logs, state and versions are in it, and
+    none of the patient names, IDs or UIDs of the studies sent so far."""
+    import tarfile
+
+    import pydicom
+
+    listing = subprocess.run(["debugfs", "-R", "ls /", str(img)], capture_output=True, text=True).stdout
+    names = [w for w in listing.split() if w.startswith("appliance-diag-") and w.endswith(".tar.gz")]
+    if len(names) != 1:
+        raise Failed(f"expected one diagnostic bundle on the stick, found {names}: {listing[-400:]}")
+    local = work / names[0]
+    subprocess.run(["debugfs", "-R", f"dump /{names[0]} {local}", str(img)], check=True, capture_output=True)
+    with tarfile.open(local) as tar:
+        files = {m.name.split("/", 1)[1]: tar.extractfile(m).read().decode("utf-8", "replace")
+                 for m in tar.getmembers() if m.isfile()}
+    secrets = set()
+    for f in [*work.glob("ct/**/*.dcm"), *work.glob("ctpd/**/*.dcm"), *work.glob("console/**/*")]:
+        if f.is_file():
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:
+                continue
+            secrets |= {str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                     "PatientID", "PatientName")}
+    secrets.discard("")
+    everything = "\n".join(files.values())
+    leaked = sorted(s for s in secrets if s in everything)
+    journal = files.get("logs/journal.log", "")
+    system = json.loads(files.get("system.json", "{}"))
+    if leaked or not journal.strip() or system.get("booted_slot") != "a" or "image-build.json" not in files:
+        raise Failed(f"diagnostic bundle {names[0]}: leaked {leaked[:5]}, journal lines {len(journal.splitlines())}, "
+                     f"booted slot {system.get('booted_slot')}, files {sorted(files)}")
+    print(f"diagnostics: {names[0]} ({local.stat().st_size} bytes, {len(journal.splitlines())} journal lines), "
+          f"none of {len(secrets)} patient values and UIDs in it", flush=True)
+    return {"bundle": names[0], "bytes": local.stat().st_size, "files": sorted(files),
+            "journal_lines": len(journal.splitlines()), "patient_values_and_uids_checked": len(secrets)}
 
 
 def updates(guest: Guest, console, port: int, image: Path, manifest: dict, work: Path, result: dict) -> None:

@@ -371,6 +371,11 @@ def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
     owner = next(line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()
                  if line.startswith("appliance:"))
     uid, gid = int(owner[2]), int(owner[3])
+    version = run("git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12", capture_output=True,
+                  text=True).stdout.strip()
+    # What this slot holds, for `appliance diag` on the box: the image's version and its bill of materials.
+    (root / "usr" / "lib" / "appliance-image" / "build.json").write_text(json.dumps(
+        {"git": version, "source_date_epoch": epoch, "debian": packages, "wheels": wheels}, indent=1) + "\n")
     clamp_times(root, epoch)
     imgs = {name: work / f"{name}.img" for name, _, _ in PARTITIONS}
     esp(imgs["esp"], root, epoch, work)
@@ -380,8 +385,6 @@ def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
     image = out / "appliance.img"
     disk(image, imgs)
     run("zstd", "--quiet", "--force", "-T2", "-10", image, "-o", out / "appliance.img.zst")
-    version = run("git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12", capture_output=True,
-                  text=True).stdout.strip()
     update = bundle.make(imgs["root-a"], out / "appliance-update.raucb", version)
     ok, why = bundle.verify(update)
     if not ok:
