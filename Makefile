@@ -10,6 +10,11 @@ STAMP := $(VENV)/.installed
 DEB_PACKAGES := dcmtk e2fsprogs dosfstools mtools systemd-boot-efi
 # `make image` and its checks: the root file system, the disk, and the boot test's qemu + UEFI firmware.
 IMAGE_DEB_PACKAGES := mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot-efi zstd rauc squashfs-tools qemu-system-x86 ovmf dcmtk
+# arm64 (ARCH=arm64): qemu-user-static + binfmt run the arm64 root file system's programs during the
+# build, the cross compiler builds the host twin, qemu-system-arm + AAVMF boot it.
+ARM64_DEB_PACKAGES := qemu-user-static binfmt-support g++-aarch64-linux-gnu qemu-system-arm qemu-efi-aarch64
+ARCH ?= amd64
+IMAGE_DIR := build/image$(if $(filter arm64,$(ARCH)),-arm64,)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv sysdeps test demo clean image image-sysdeps image-check boot-test
@@ -39,7 +44,11 @@ sysdeps:
 	$(call apt_install,$(DEB_PACKAGES))
 
 image-sysdeps:
-	$(call apt_install,$(IMAGE_DEB_PACKAGES))
+	$(call apt_install,$(IMAGE_DEB_PACKAGES) $(if $(filter arm64,$(ARCH)),$(ARM64_DEB_PACKAGES),))
+ifeq ($(ARCH),arm64)
+	@mountpoint -q /proc/sys/fs/binfmt_misc || $(SUDO) mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	@$(SUDO) update-binfmts --enable qemu-aarch64 2>/dev/null || test -e /proc/sys/fs/binfmt_misc/qemu-aarch64
+endif
 
 test: venv sysdeps
 	$(PY) -m pytest -q
@@ -49,8 +58,9 @@ demo: venv
 
 # The appliance image (image-build/, README "Field engineers"): build/image/appliance.img, its zstd
 # copy, manifest.json (bill of materials), SHA256SUMS. Needs root; about 2-3 minutes.
+# `make image ARCH=arm64`: the same for arm64, in build/image-arm64.
 image: venv image-sysdeps
-	$(PY) image-build/build.py --out build/image
+	$(PY) image-build/build.py --arch $(ARCH) --out $(IMAGE_DIR)
 
 # Two independent builds must give the same bytes.
 image-check: venv image-sysdeps
@@ -58,7 +68,7 @@ image-check: venv image-sysdeps
 
 # Boots build/image/appliance.img in qemu: C-ECHO, a CT study denoised, a CT-PD study reconstructed.
 boot-test: venv image-sysdeps
-	$(PY) image-build/boot_test.py --image build/image/appliance.img --out build/image/boot-test
+	$(PY) image-build/boot_test.py --image $(IMAGE_DIR)/appliance.img --out $(IMAGE_DIR)/boot-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

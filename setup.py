@@ -7,13 +7,16 @@ architecture). An editable install (``pip install -e``, the development venv) bu
 the kernels are then built on first use into the cache, as in a checkout.
 
 ``APPLIANCE_WHEEL_GPU=0`` builds a wheel without fatbins (a CPU-only box); by default nvcc is
-required, so a wheel is never silently missing its GPU kernels.
+required, so a wheel is never silently missing its GPU kernels. ``APPLIANCE_WHEEL_ARCH=aarch64``
+builds the wheel of another architecture (an arm64 image on an x86 build machine): the host twin
+with the ``aarch64-linux-gnu-g++`` cross compiler, the wheel tagged ``linux_aarch64``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -40,7 +43,9 @@ class BuildPyWithKernels(build_py):
         if gpu and build.nvcc_path() is None:
             sys.exit("nvcc not found: the wheel's GPU fatbins cannot be built (APPLIANCE_WHEEL_GPU=0 for a CPU-only wheel)")
         dest = Path(self.build_lib) / "kernels" / "prebuilt"
-        for path in build.prebuild(dest, gpu=gpu):
+        arch = _target_arch()
+        compiler = "g++" if arch == platform.machine() else f"{arch}-linux-gnu-g++"
+        for path in build.prebuild(dest, gpu=gpu, compiler=compiler):
             print(f"prebuilt {path.relative_to(dest)}")
 
 
@@ -49,4 +54,9 @@ class PlatformDistribution(Distribution):
         return True
 
 
-setup(cmdclass={"build_py": BuildPyWithKernels}, distclass=PlatformDistribution)
+def _target_arch() -> str:
+    return os.environ.get("APPLIANCE_WHEEL_ARCH") or platform.machine()
+
+
+setup(cmdclass={"build_py": BuildPyWithKernels}, distclass=PlatformDistribution,
+      options={"bdist_wheel": {"plat_name": f"linux_{_target_arch()}"}})

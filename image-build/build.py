@@ -1,6 +1,12 @@
-"""`make image`: the appliance's bootable x86-64 disk image, reproducible from its inputs.
+"""`make image`: the appliance's bootable disk image, reproducible from its inputs.
 
-    python image-build/build.py [--out build/image]
+    python image-build/build.py [--out build/image] [--arch amd64|arm64]
+
+``--arch arm64`` (`make image ARCH=arm64`) builds the same recipe for a Jetson-class box's CPU: the
+arm64 Debian root file system (through qemu-user-static and binfmt on an x86 build machine), the
+arm64 kernel, systemd-boot for AA64 UEFI, the aarch64 wheels of image-build/requirements-arm64.lock
+and the appliance's wheel with its host twin cross-compiled (`setup.py`). README "arm64" says
+what a JetPack-based image would change.
 
 Inputs: this checkout (its files, as `git status` sees them), image-build/requirements.lock, the
 Debian archive's state at build time (bookworm, bookworm-updates, bookworm-security; the packages
@@ -45,13 +51,38 @@ import bundle  # noqa: E402  (image-build/bundle.py)
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOCK = HERE / "requirements.lock"
+# What differs between architectures; everything else is one recipe.
+ARCHES = {
+    "amd64": {"kernel": "linux-image-amd64", "packages": [], "lock": LOCK, "wheel_arch": "x86_64",
+              "efi": "x64", "console": "ttyS0", "pip_platform": []},
+    "arm64": {"kernel": "linux-image-arm64", "packages": ["systemd-boot-efi"],
+              "lock": HERE / "requirements-arm64.lock", "wheel_arch": "aarch64", "efi": "aa64",
+              "console": "ttyAMA0",
+              "pip_platform": ["--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_27_aarch64",
+                               "--platform", "manylinux_2_26_aarch64", "--platform", "manylinux_2_24_aarch64",
+                               "--platform", "manylinux_2_17_aarch64", "--platform", "manylinux2014_aarch64",
+                               "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311"]},
+}
+ARCH_ENV = "APPLIANCE_IMAGE_ARCH"
+
+
+def arch() -> str:
+    """The architecture being built (``--arch``; the customize hook inherits it through the environment)."""
+    value = os.environ.get(ARCH_ENV, "amd64")
+    if value not in ARCHES:
+        raise SystemExit(f"{ARCH_ENV}={value}: one of {', '.join(ARCHES)}")
+    return value
+
+
+def spec() -> dict:
+    return ARCHES[arch()]
 ROOTFS_FILES = HERE / "rootfs"  # copied over the root file system as they are
 DATA_FILES = HERE / "data"  # the data partition's first content
 SUITE = "bookworm"
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SECURITY = os.environ.get("DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
-PACKAGES = [
-    "systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools", "zstd", "kmod",
+PACKAGES = [  # and the architecture's kernel and `ARCHES` packages (`packages`)
+    "systemd", "systemd-sysv", "udev", "dbus", "initramfs-tools", "zstd", "kmod",
     "e2fsprogs", "dosfstools", "iproute2", "python3", "python3-venv", "libgomp1", "ca-certificates",
     "rauc", "rauc-service",
     "openssl",  # `appliance models install` verifies a model's signature with it (engines/store.py)
@@ -63,6 +94,14 @@ INITRD_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "nvme", "ahci", "sd
 VENV = "/opt/appliance/venv"
 SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
 KERNEL_CMDLINE = "rw rootwait panic=10 console=tty0 console=ttyS0,115200 quiet systemd.show_status=1"
+
+
+def packages() -> list[str]:
+    return [*PACKAGES, spec()["kernel"], *spec()["packages"]]
+
+
+def kernel_cmdline() -> str:
+    return KERNEL_CMDLINE.replace("console=ttyS0,", f"console={spec()['console']},")
 
 MiB = 1 << 20
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -103,10 +142,10 @@ def sha256(path: Path) -> str:
 def wheelhouse(dest: Path) -> Path:
     """The appliance's wheel (image-build/wheel.sh) and every locked dependency, downloaded on the
     host (hash-checked); installed offline inside the image."""
-    run("bash", HERE / "wheel.sh", dest, env={"PY": sys.executable})
+    run("bash", HERE / "wheel.sh", dest, env={"PY": sys.executable, "APPLIANCE_WHEEL_ARCH": spec()["wheel_arch"]})
     run(sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-        "--require-hashes", "--only-binary=:all:", "-d", dest, "-r", LOCK)
-    shutil.copy(LOCK, dest / "requirements.lock")
+        "--require-hashes", "--only-binary=:all:", *spec()["pip_platform"], "-d", dest, "-r", spec()["lock"])
+    shutil.copy(spec()["lock"], dest / "requirements.lock")
     (wheel,) = dest.glob("appliance-*.whl")
     return wheel
 
@@ -150,7 +189,7 @@ def customize(root: Path, wheels: Path) -> None:
     (root / "usr" / "local" / "bin" / "appliance").symlink_to(f"{VENV}/bin/appliance")
     chroot(root, "systemd-sysusers")
     chroot(root, "systemd-tmpfiles", "--create", "--prefix=/var/lib/appliance", "--prefix=/etc/appliance")
-    (root / "usr" / "lib" / "appliance-image" / "kernel-cmdline").write_text(KERNEL_CMDLINE + "\n")
+    (root / "usr" / "lib" / "appliance-image" / "kernel-cmdline").write_text(kernel_cmdline() + "\n")
     (root / "etc" / "rauc").mkdir(exist_ok=True)
     (root / "etc" / "rauc" / "system.conf").write_text(rauc_system_conf())
     shutil.copy(bundle.KEYRING, root / "etc" / "rauc" / "keyring.pem")
@@ -181,7 +220,7 @@ def rauc_system_conf() -> str:
     slots = "".join(f"\n[slot.rootfs.{i}]\ndevice=/dev/disk/by-partuuid/{partuuid(f'root-{s}')}\ntype=ext4\nbootname={s}\n"
                     for i, s in enumerate("ab"))
     return ("[system]\n"
-            f"compatible={bundle.COMPATIBLE}\n"
+            f"compatible={bundle.compatible()}\n"
             "bootloader=custom\nbundle-formats=-plain\nmountprefix=/run/rauc\nstatusfile=/data/rauc/status.raucs\n\n"
             "[keyring]\npath=/etc/rauc/keyring.pem\n\n"
             "[handlers]\nbootloader-custom-backend=/usr/lib/appliance-image/slots\n" + slots)
@@ -255,7 +294,22 @@ def ext4(img: Path, size_mib: int, label: str, tree: Path | None, epoch: int) ->
 def loader_entry(slot: str, kernel_version: str) -> str:
     return (f"title Appliance (slot {slot.upper()}, kernel {kernel_version})\n"
             f"linux /{slot}/vmlinuz\ninitrd /{slot}/initrd.img\n"
-            f"options root=PARTUUID={partuuid(f'root-{slot}')} rauc.slot={slot} {KERNEL_CMDLINE}\n")
+            f"options root=PARTUUID={partuuid(f'root-{slot}')} rauc.slot={slot} {kernel_cmdline()}\n")
+
+
+def efi_kernel(src: Path, dst: Path) -> None:
+    """The kernel as UEFI loads it: arm64's Debian kernel is a gzip-compressed Image, whose EFI stub
+    works only uncompressed (systemd-boot starts it as a PE image); x86-64's bzImage as it is.
+    The update bundle's hook does the same (image-build/bundle/hook)."""
+    import gzip
+
+    with open(src, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    if compressed:
+        with gzip.open(src, "rb") as f, open(dst, "wb") as out:
+            shutil.copyfileobj(f, out)
+    else:
+        shutil.copy(src, dst)
 
 
 def esp(img: Path, root: Path, epoch: int, work: Path) -> None:
@@ -268,9 +322,13 @@ def esp(img: Path, root: Path, epoch: int, work: Path) -> None:
     (stage / "EFI" / "systemd").mkdir()
     (stage / "loader" / "entries").mkdir(parents=True)
     (stage / "a").mkdir()
-    shutil.copy(SYSTEMD_BOOT, stage / "EFI" / "BOOT" / "BOOTX64.EFI")
-    shutil.copy(SYSTEMD_BOOT, stage / "EFI" / "systemd" / "systemd-bootx64.efi")
-    shutil.copy(kernels[0], stage / "a" / "vmlinuz")
+    efi = spec()["efi"]
+    # x86-64 takes systemd-boot from the build machine (the same Debian 12 package), another
+    # architecture from its own root file system.
+    loader = SYSTEMD_BOOT if arch() == "amd64" else root / "usr/lib/systemd/boot/efi" / f"systemd-boot{efi}.efi"
+    shutil.copy(loader, stage / "EFI" / "BOOT" / f"BOOT{efi.upper()}.EFI")
+    shutil.copy(loader, stage / "EFI" / "systemd" / f"systemd-boot{efi}.efi")
+    efi_kernel(kernels[0], stage / "a" / "vmlinuz")
     shutil.copy(root / "boot" / f"initrd.img-{version}", stage / "a" / "initrd.img")
     (stage / "loader" / "loader.conf").write_text("default a.conf\ntimeout 0\nconsole-mode keep\neditor no\n")
     (stage / "loader" / "entries" / "a.conf").write_text(loader_entry("a", version))
@@ -358,7 +416,7 @@ def debootstrap(root: Path, work: Path) -> None:
     excludes = [f"--dpkgopt=path-exclude={p}" for p in ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
                                                         "/usr/share/locale/*", "/usr/share/lintian/*")]
     run("mmdebstrap", "--quiet", "--mode=root", "--variant=minbase", "--format=directory",
-        f"--include={','.join(PACKAGES)}", *excludes, "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        f"--architectures={arch()}", f"--include={','.join(packages())}", *excludes, "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         f"--customize-hook={sys.executable} {HERE / 'build.py'} --customize \"$1\" {work / 'wheelhouse'}",
         SUITE, root, f"deb {MIRROR} {SUITE} main", f"deb {MIRROR} {SUITE}-updates main",
         f"deb {SECURITY} {SUITE}-security main")
@@ -390,6 +448,7 @@ def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
     if not ok:
         raise SystemExit(f"the update bundle does not verify against the image's keyring: {why}")
     manifest = {
+        "architecture": arch(),
         "image": "appliance.img", "sha256": sha256(image), "bytes": image.stat().st_size,
         "compressed": {"file": "appliance.img.zst", "sha256": sha256(out / "appliance.img.zst")},
         "update_bundle": {"file": update.name, "sha256": sha256(update), "version": version,
@@ -416,8 +475,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "build" / "image")
     ap.add_argument("--reuse-rootfs", action="store_true",
                     help="development: keep the root file system of the last build with APPLIANCE_IMAGE_KEEP_WORK=1")
+    ap.add_argument("--arch", choices=sorted(ARCHES), default=None,
+                    help=f"the box's architecture (default: ${ARCH_ENV}, else amd64)")
     ap.add_argument("--customize", nargs=2, type=Path, metavar=("ROOT", "WHEELHOUSE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.arch:
+        os.environ[ARCH_ENV] = args.arch  # the customize hook and bundle.py read it from there
     if args.customize:
         customize(*args.customize)
         return

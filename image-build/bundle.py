@@ -20,14 +20,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KEYS = HERE / "test-keys"
-COMPATIBLE = "scanner-appliance-x86_64"
+COMPATIBLE = "scanner-appliance-x86_64"  # RAUC's compatible string: a bundle installs only on its own kind of box
+
+
+def compatible() -> str:
+    """The compatible string of the architecture being built (build.py's APPLIANCE_IMAGE_ARCH)."""
+    return {"amd64": COMPATIBLE, "arm64": "scanner-appliance-aarch64"}[os.environ.get("APPLIANCE_IMAGE_ARCH", "amd64")]
 CERT = Path(os.environ.get("APPLIANCE_UPDATE_CERT", KEYS / "signing.cert.pem"))
 KEY = Path(os.environ.get("APPLIANCE_UPDATE_KEY", KEYS / "signing.key.pem"))
 KEYRING = Path(os.environ.get("APPLIANCE_UPDATE_KEYRING", KEYS / "ca.cert.pem"))
 
 
 def manifest(version: str, description: str) -> str:
-    return (f"[update]\ncompatible={COMPATIBLE}\nversion={version}\ndescription={description}\n\n"
+    return (f"[update]\ncompatible={compatible()}\nversion={version}\ndescription={description}\n\n"
             "[bundle]\nformat=verity\n\n[hooks]\nfilename=hook\n\n"
             "[image.rootfs]\nfilename=rootfs.ext4\nhooks=post-install\n")
 

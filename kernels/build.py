@@ -71,10 +71,11 @@ def _fatbin_name(source: Path, archs: tuple[str, ...]) -> str:
     return f"gpu-{_key(source.name, archs, NVCC_FLAGS)}/{source.stem}.fatbin"
 
 
-def build_host(compiler: str = "g++", cache: Path | None = None) -> Path:
+def build_host(compiler: str = "g++", cache: Path | None = None, name_as: str | None = None) -> Path:
     """The host-twin shared library (all kernels): the package's prebuilt one, else the cached one,
-    else built into ``cache`` (default `cache_dir`); returns its path."""
-    name = _host_name(compiler)
+    else built into ``cache`` (default `cache_dir`); returns its path. ``name_as``: file it under
+    another compiler's name (a cross compiler building the library a box will look up as g++'s)."""
+    name = _host_name(name_as or compiler)
     if cache is None and (PREBUILT_DIR / name).exists():
         return PREBUILT_DIR / name
     target = (cache or cache_dir()) / name
@@ -179,10 +180,12 @@ def build_all_fatbins(archs: tuple[str, ...] = GPU_ARCHS) -> dict[str, Path]:
     return {src.stem: fatbin(src, archs) for src in sources()}
 
 
-def prebuild(dest: Path, gpu: bool = True) -> list[Path]:
+def prebuild(dest: Path, gpu: bool = True, compiler: str = "g++") -> list[Path]:
     """Build what an installed appliance loads, into ``dest`` (a package's ``kernels/prebuilt``):
-    the host twin and, with ``gpu``, the fatbins for `GPU_ARCHS`. Returns the files written."""
-    built = [build_host(cache=dest)]
+    the host twin (with ``compiler``: a cross compiler for another architecture's wheel) and, with
+    ``gpu``, the fatbins for `GPU_ARCHS` (device code: the same for every host architecture).
+    Returns the files written."""
+    built = [build_host(compiler=compiler, cache=dest, name_as="g++")]
     if gpu:
         built += [build_fatbin(src, GPU_ARCHS, cache=dest)[0] for src in sources()]
     return built
