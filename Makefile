@@ -12,7 +12,7 @@ DEB_PACKAGES := dcmtk e2fsprogs dosfstools mtools systemd-boot-efi
 IMAGE_DEB_PACKAGES := mmdebstrap e2fsprogs dosfstools mtools fdisk systemd-boot-efi zstd rauc squashfs-tools qemu-system-x86 ovmf dcmtk
 # arm64 (ARCH=arm64): qemu-user-static + binfmt run the arm64 root file system's programs during the
 # build, the cross compiler builds the host twin, qemu-system-arm + AAVMF boot it.
-ARM64_DEB_PACKAGES := qemu-user-static binfmt-support g++-aarch64-linux-gnu qemu-system-arm qemu-efi-aarch64
+ARM64_DEB_PACKAGES := qemu-user-static binfmt-support arch-test g++-aarch64-linux-gnu qemu-system-arm qemu-efi-aarch64
 ARCH ?= amd64
 IMAGE_DIR := build/image$(if $(filter arm64,$(ARCH)),-arm64,)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
