@@ -54,6 +54,13 @@ import site_image  # noqa: E402  (image-build/site_image.py: a site's configurat
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# The machine and UEFI firmware per architecture (the image's manifest says which it is).
+MACHINES = {
+    "amd64": {"qemu": "qemu-system-x86_64", "machine": ["-machine", "q35"], "code": OVMF_CODE, "vars": OVMF_VARS},
+    # arm64: qemu's "virt" board with AAVMF (EDK2 for AArch64); TCG only here (an x86 host).
+    "arm64": {"qemu": "qemu-system-aarch64", "machine": ["-machine", "virt"],
+              "code": Path("/usr/share/AAVMF/AAVMF_CODE.fd"), "vars": Path("/usr/share/AAVMF/AAVMF_VARS.fd")},
+}
 GUEST_PORT = 11112
 CT_SHAPE, PD_SHAPE = (8, 64, 64), (6, 64, 64)  # slices, rows, columns
 
@@ -102,12 +109,13 @@ def site_disk(image: Path, manifest: dict, work: Path, console_port: int) -> Pat
     return site_image.site_image(image, config, work / "disk.img")
 
 
-def qemu_command(disk: Path, vars_fd: Path, port: int, accel: str, monitor: Path) -> list[str]:
+def qemu_command(disk: Path, vars_fd: Path, port: int, accel: str, monitor: Path, arch: str = "amd64") -> list[str]:
+    m = MACHINES[arch]
     cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    return ["qemu-system-x86_64", "-machine", "q35", "-m", "2048", "-smp", "2", *cpu,
+    return [m["qemu"], *m["machine"], "-m", "2048", "-smp", "2", *cpu,
             "-display", "none", "-serial", "stdio", "-monitor", f"unix:{monitor},server,nowait",
             "-device", "qemu-xhci,id=xhci", "-device", "qemu-xhci,id=xhci2", "-device", "qemu-xhci,id=xhci3",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={m['code']}",
             "-drive", f"if=pflash,format=raw,file={vars_fd}",
             "-drive", f"if=virtio,format=raw,file={disk},cache=unsafe",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{GUEST_PORT}",
@@ -115,14 +123,14 @@ def qemu_command(disk: Path, vars_fd: Path, port: int, accel: str, monitor: Path
 
 
 class Guest:
-    def __init__(self, disk: Path, work: Path, port: int, accel: str) -> None:
+    def __init__(self, disk: Path, work: Path, port: int, accel: str, arch: str = "amd64") -> None:
         self.vars_fd = work / "OVMF_VARS.fd"
-        shutil.copy(OVMF_VARS, self.vars_fd)
+        shutil.copy(MACHINES[arch]["vars"], self.vars_fd)
         self.serial = work / "serial.log"
         self.accel = accel
         self.t0 = time.monotonic()
         self.monitor = work / f"monitor-{accel}.sock"
-        self._cmd = qemu_command(disk, self.vars_fd, port, accel, self.monitor)
+        self._cmd = qemu_command(disk, self.vars_fd, port, accel, self.monitor, arch)
         self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL,
                                      stdout=open(self.serial, "wb"), stderr=subprocess.STDOUT)
 
@@ -529,12 +537,13 @@ def main() -> int:
         with DcmtkStoreSCP(work, name="console", ae_title="CONSOLE", by_study=True) as console:
             disk = site_disk(image, manifest, work, console.port)
             port = free_port()
+            arch = manifest.get("architecture", "amd64")
             accel = args.accel
-            if accel == "auto":
-                accel = "kvm" if kvm_runs(disk, work, port) else "tcg"
-            result["accel"] = accel
-            print(f"booting {image.name} under {accel.upper()}; DICOM on 127.0.0.1:{port}", flush=True)
-            guest = Guest(disk, work, port, accel)
+            if accel == "auto":  # KVM runs only the build machine's own architecture
+                accel = "kvm" if arch == "amd64" and kvm_runs(disk, work, port) else "tcg"
+            result["accel"], result["architecture"] = accel, arch
+            print(f"booting {image.name} ({arch}) under {accel.upper()}; DICOM on 127.0.0.1:{port}", flush=True)
+            guest = Guest(disk, work, port, accel, arch)
             result["first_console_output_s"] = wait_for("console output", lambda: guest.console().strip() and guest.elapsed(),
                                                         guest, 120, 0.2)
             result["first_echo_s"] = wait_for("the first C-ECHO answer", lambda: echo(port) and guest.elapsed(), guest,

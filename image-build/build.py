@@ -298,9 +298,10 @@ def loader_entry(slot: str, kernel_version: str) -> str:
 
 
 def efi_kernel(src: Path, dst: Path) -> None:
-    """The kernel as UEFI loads it: arm64's Debian kernel is a gzip-compressed Image, whose EFI stub
-    works only uncompressed (systemd-boot starts it as a PE image); x86-64's bzImage as it is.
-    The update bundle's hook does the same (image-build/bundle/hook)."""
+    """The kernel as UEFI loads it: systemd-boot starts it as a PE image through its EFI stub, which
+    a gzip-compressed kernel (how some distributions ship arm64's Image) does not have, so one is
+    decompressed; an x86-64 bzImage and Debian 12's arm64 vmlinuz (an uncompressed Image) are
+    copied as they are. The update bundle's hook does the same (image-build/bundle/hook)."""
     import gzip
 
     with open(src, "rb") as f:
@@ -416,7 +417,12 @@ def debootstrap(root: Path, work: Path) -> None:
     excludes = [f"--dpkgopt=path-exclude={p}" for p in ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
                                                         "/usr/share/locale/*", "/usr/share/lintian/*")]
     run("mmdebstrap", "--quiet", "--mode=root", "--variant=minbase", "--format=directory",
-        f"--architectures={arch()}", f"--include={','.join(packages())}", *excludes, "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        f"--architectures={arch()}", f"--include={','.join(packages())}", *excludes,
+        # Before any package: the initrd that kernel and udev installs build (several times, a few
+        # minutes each under qemu-user for arm64) is a list-only one; customize writes the list
+        # and builds the real one.
+        "--setup-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && "
+        "printf 'MODULES=list\\nCOMPRESS=zstd\\n' > \"$1/etc/initramfs-tools/conf.d/appliance\"", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         f"--customize-hook={sys.executable} {HERE / 'build.py'} --customize \"$1\" {work / 'wheelhouse'}",
         SUITE, root, f"deb {MIRROR} {SUITE} main", f"deb {MIRROR} {SUITE}-updates main",
         f"deb {SECURITY} {SUITE}-security main")

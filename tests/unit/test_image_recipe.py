@@ -28,10 +28,42 @@ import build  # noqa: E402
 EPOCH = 1_780_000_000
 
 
-def _locked() -> dict[str, str]:
+def _locked(lock: Path = build.LOCK) -> dict[str, str]:
     pins = re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\]+) \\\n\s+--hash=sha256:[0-9a-f]{64}$",
-                      build.LOCK.read_text(), re.M)
+                      lock.read_text(), re.M)
     return {name.lower().replace("_", "-"): version for name, version in pins}
+
+
+def test_the_arm64_lock_pins_the_same_versions_with_its_own_hashes():
+    amd64, arm64 = build.ARCHES["amd64"]["lock"], build.ARCHES["arm64"]["lock"]
+    assert _locked(arm64) == _locked(amd64), "run `python3.11 image-build/lock.py --arch arm64`"
+    hashes = {lock: set(re.findall(r"sha256:([0-9a-f]{64})", lock.read_text())) for lock in (amd64, arm64)}
+    shared = hashes[amd64] & hashes[arm64]  # pure-Python wheels are the same file on both
+    assert len(hashes[arm64]) == len(_locked(arm64)) and len(shared) < len(hashes[arm64])
+
+
+def test_the_architectures_differ_only_where_they_must(monkeypatch, tmp_path):
+    import gzip
+
+    import bundle
+
+    monkeypatch.setenv(build.ARCH_ENV, "arm64")
+    assert "linux-image-arm64" in build.packages() and "linux-image-amd64" not in build.packages()
+    assert "console=ttyAMA0,115200" in build.loader_entry("a", "6.1.0-test")
+    assert bundle.compatible() == "scanner-appliance-aarch64"
+    monkeypatch.setenv(build.ARCH_ENV, "amd64")
+    assert "console=ttyS0,115200" in build.loader_entry("a", "6.1.0-test")
+    assert bundle.compatible() == bundle.COMPATIBLE == "scanner-appliance-x86_64"
+    monkeypatch.setenv(build.ARCH_ENV, "sparc")
+    with pytest.raises(SystemExit):
+        build.spec()
+    # arm64's gzip-compressed Image goes onto the ESP uncompressed; an x86 bzImage as it is.
+    image = b"MZ" + os.urandom(4096)
+    (tmp_path / "vmlinuz-arm64").write_bytes(gzip.compress(image))
+    (tmp_path / "vmlinuz-amd64").write_bytes(image)
+    for name in ("arm64", "amd64"):
+        build.efi_kernel(tmp_path / f"vmlinuz-{name}", tmp_path / f"esp-{name}")
+        assert (tmp_path / f"esp-{name}").read_bytes() == image
 
 
 def test_the_lock_pins_every_run_time_dependency_with_a_hash():
