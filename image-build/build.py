@@ -401,6 +401,9 @@ def build(out: Path, reuse_rootfs: bool = False) -> dict:
     epoch = int(os.environ.setdefault(
         "SOURCE_DATE_EPOCH", run("git", "-C", REPO, "log", "-1", "--format=%ct", capture_output=True,
                                  text=True).stdout.strip()))
+    # The checkout's version when the build starts (its files are read from here on).
+    version = run("git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12", capture_output=True,
+                  text=True).stdout.strip()
     work = out / "work"
     root = work / "rootfs"
     if reuse_rootfs and (work / "packages.tsv").exists():
@@ -410,7 +413,7 @@ def build(out: Path, reuse_rootfs: bool = False) -> dict:
         work.mkdir(parents=True)
         wheel = wheelhouse(work / "wheelhouse")
         debootstrap(root, work)
-    return _finish(out, work, root, wheel, epoch)
+    return _finish(out, work, root, wheel, epoch, version)
 
 
 def debootstrap(root: Path, work: Path) -> None:
@@ -428,15 +431,13 @@ def debootstrap(root: Path, work: Path) -> None:
         f"deb {SECURITY} {SUITE}-security main")
 
 
-def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int) -> dict:
+def _finish(out: Path, work: Path, root: Path, wheel: Path, epoch: int, version: str) -> dict:
     packages = [dict(zip(("package", "version", "architecture"), line.split("\t")))
                 for line in (work / "packages.tsv").read_text().splitlines()]
     wheels = json.loads((work / "wheels.json").read_text())
     owner = next(line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()
                  if line.startswith("appliance:"))
     uid, gid = int(owner[2]), int(owner[3])
-    version = run("git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12", capture_output=True,
-                  text=True).stdout.strip()
     # What this slot holds, for `appliance diag` on the box: the image's version and its bill of materials.
     (root / "usr" / "lib" / "appliance-image" / "build.json").write_text(json.dumps(
         {"git": version, "source_date_epoch": epoch, "debian": packages, "wheels": wheels}, indent=1) + "\n")
