@@ -5,7 +5,8 @@
 1. A copy of the image gets a site configuration on its data partition (the partition rebuilt
    as `build.py` builds it, with the console set to a dcmtk ``storescp`` on the host, reached
    from the guest at 10.0.2.2, and low-dose CT routed to the denoiser). The image itself is not
-   changed.
+   changed. The copy is 2 GiB larger than the image, as a box's disk is: the data partition must
+   grow onto it (`appliance-grow-data.service`; checked in the diagnostic bundle's disk size).
 2. qemu boots the copy (UEFI with OVMF, virtio disk, user networking with the host port forwarded
    to the guest's DICOM port 11112). It uses KVM when /dev/kvm runs this guest, TCG otherwise
    (the nested /dev/kvm on these machines does not run it: ../shared/IMAGE.md).
@@ -62,6 +63,7 @@ MACHINES = {
               "code": Path("/usr/share/AAVMF/AAVMF_CODE.fd"), "vars": Path("/usr/share/AAVMF/AAVMF_VARS.fd")},
 }
 GUEST_PORT = 11112
+DISK_EXTRA_GIB = 2  # the guest's disk is this much larger than the image (sparse)
 CT_SHAPE, PD_SHAPE = (8, 64, 64), (6, 64, 64)  # slices, rows, columns
 
 SITE_CONFIG = """\
@@ -106,7 +108,11 @@ def site_disk(image: Path, manifest: dict, work: Path, console_port: int) -> Pat
     """The image as a site would flash it (image-build/site.py), configured for this test."""
     config = SITE_CONFIG.format(guest_port=GUEST_PORT, console_port=console_port, pd_matrix=PD_SHAPE[1],
                                 pd_slices=PD_SHAPE[0])
-    return site_image.site_image(image, config, work / "disk.img")
+    disk = site_image.site_image(image, config, work / "disk.img")
+    # Flashed onto a disk larger than the image, as on a box: the data partition must take the rest.
+    with open(disk, "r+b") as f:
+        f.truncate(f.seek(0, 2) + DISK_EXTRA_GIB * (1 << 30))
+    return disk
 
 
 def qemu_command(disk: Path, vars_fd: Path, port: int, accel: str, monitor: Path, arch: str = "amd64") -> list[str]:
@@ -435,12 +441,18 @@ def check_diagnostics(img: Path, work: Path) -> dict:
     leaked = sorted(s for s in secrets if s in everything)
     journal = files.get("logs/journal.log", "")
     system = json.loads(files.get("system.json", "{}"))
+    spool_bytes = (system.get("disk") or {}).get("total_bytes") or 0
+    if spool_bytes < (1 + DISK_EXTRA_GIB * 0.9) * (1 << 30):
+        raise Failed(f"the data partition did not grow onto the larger disk: the spool's file system has "
+                     f"{spool_bytes} bytes (image 1 GiB + {DISK_EXTRA_GIB} GiB of disk)")
     if leaked or not journal.strip() or system.get("booted_slot") != "a" or "image-build.json" not in files:
         raise Failed(f"diagnostic bundle {names[0]}: leaked {leaked[:5]}, journal lines {len(journal.splitlines())}, "
                      f"booted slot {system.get('booted_slot')}, files {sorted(files)}")
     print(f"diagnostics: {names[0]} ({local.stat().st_size} bytes, {len(journal.splitlines())} journal lines), "
           f"none of {len(secrets)} patient values and UIDs in it", flush=True)
-    return {"bundle": names[0], "bytes": local.stat().st_size, "files": sorted(files),
+    print(f"data partition: the spool's file system has {spool_bytes / (1 << 30):.2f} GiB on a disk "
+          f"{DISK_EXTRA_GIB} GiB larger than the image", flush=True)
+    return {"bundle": names[0], "bytes": local.stat().st_size, "files": sorted(files), "spool_fs_bytes": spool_bytes,
             "journal_lines": len(journal.splitlines()), "patient_values_and_uids_checked": len(secrets)}
 
 

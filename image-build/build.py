@@ -25,7 +25,8 @@ The disk:
   2 root-a  2 GiB    ext4: Debian 12 minbase, systemd, the appliance in /opt/appliance/venv
   3 root-b  2 GiB    ext4: the other slot, empty until the first update writes it
   4 data    1 GiB    ext4: never touched by updates; mounted at /data, holding the configuration
-                     (/data/etc -> /etc/appliance) and the spool (/data/appliance -> /var/lib/appliance)
+                     (/data/etc -> /etc/appliance) and the spool (/data/appliance -> /var/lib/appliance);
+                     at boot it grows to the end of the disk it was flashed onto (grow-data)
 Boot: UEFI -> systemd-boot -> the default entry's kernel with root=PARTUUID=<slot>.
 
 Needs root (mmdebstrap --mode=root, chroot) and the Debian packages `make image` installs.
@@ -86,6 +87,7 @@ PACKAGES = [  # and the architecture's kernel and `ARCHES` packages (`packages`)
     "e2fsprogs", "dosfstools", "iproute2", "python3", "python3-venv", "libgomp1", "ca-certificates",
     "rauc", "rauc-service",
     "openssl",  # `appliance models install` verifies a model's signature with it (engines/store.py)
+    "cloud-guest-utils",  # growpart: the data partition takes the rest of the disk at boot (grow-data)
 ]
 # Modules the initrd needs to find a root file system on the boxes and in qemu (a list, not
 # Debian's "most": its all-modules initrd cost 50 s of a TCG boot, ../shared/IMAGE.md).
@@ -194,7 +196,7 @@ def customize(root: Path, wheels: Path) -> None:
     (root / "etc" / "rauc" / "system.conf").write_text(rauc_system_conf())
     shutil.copy(bundle.KEYRING, root / "etc" / "rauc" / "keyring.pem")
     chroot(root, "systemctl", "enable", "appliance.service", "systemd-networkd.service",
-           "appliance-slot-check.service")
+           "appliance-slot-check.service", "appliance-grow-data.service")
     for unit in ("e2scrub_reap.service", "e2scrub_all.timer", "apt-daily.timer", "apt-daily-upgrade.timer"):
         chroot(root, "systemctl", "mask", unit)
     # A box with its root locked: no password to guess. Field engineers reach it over DICOM,
