@@ -234,27 +234,18 @@ def _cmd_models_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models_activate(args: argparse.Namespace) -> int:
+def _cmd_models_switch(args: argparse.Namespace) -> int:
+    """``models activate NAME VERSION`` and ``models rollback NAME``."""
     from engines.store import StoreError
 
+    store = _store(args)
+    activate = args.models_command == "activate"
     try:
-        previous, new = _store(args).activate(args.name, args.version)
+        before, after = store.activate(args.name, args.version) if activate else store.rollback(args.name)
     except StoreError as exc:
-        print(f"not activated: {exc}", file=sys.stderr)
+        print(f"not {'activated' if activate else 'rolled back'}: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.name}: {previous} -> {new}; the daemon loads it before its next job")
-    return 0
-
-
-def _cmd_models_rollback(args: argparse.Namespace) -> int:
-    from engines.store import StoreError
-
-    try:
-        current, back = _store(args).rollback(args.name)
-    except StoreError as exc:
-        print(f"not rolled back: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.name}: {current} -> {back}; the daemon loads it before its next job")
+    print(f"{args.name}: {before} -> {after}; the daemon loads it before its next job")
     return 0
 
 
@@ -371,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     ma.add_argument("version")
     mr = models_sub.add_parser("rollback", help="back to the version active before the current one")
     mr.add_argument("name")
-    for m, func in ((ml, _cmd_models_list), (mi, _cmd_models_install), (ma, _cmd_models_activate),
-                    (mr, _cmd_models_rollback)):
+    for m, func in ((ml, _cmd_models_list), (mi, _cmd_models_install), (ma, _cmd_models_switch),
+                    (mr, _cmd_models_switch)):
         m.add_argument("--config", type=Path, default=None)
         m.set_defaults(func=func)
 
