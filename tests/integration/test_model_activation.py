@@ -67,3 +67,37 @@ def test_activate_and_roll_back_on_a_running_daemon(cfg: ApplianceConfig, tmp_pa
     assert [c["current"].rsplit("+", 1)[1] for c in changes] == ["reference-redcnn-2.0.0", "reference-redcnn-1.0.0"]
     audit = [json.loads(line) for line in (cfg.storage.root / "models" / "audit.jsonl").read_text().splitlines()]
     assert [a["action"] for a in audit] == ["model.installed", "model.activated", "model.rolled_back"]
+
+
+def test_a_series_streaming_when_a_model_is_activated_keeps_its_model(cfg: ApplianceConfig, tmp_path: Path):
+    """Activated while a series streams through slab by slab: every slice of that series comes from
+    the model it began with (a fallback to the batch path would have used the new one, and shown
+    here); the next series gets the new one."""
+    from tests.integration.test_stream_crash import PacedSender
+
+    cfg.routes = [RouteRule(modalities=["CT"], pipeline="denoise", destinations=["console"])]
+    cfg.denoise.backend = "onnxruntime"
+    cfg.streaming.slab_slices = 8
+    with daemon_with_console(cfg, tmp_path, idle_seconds=1.0) as (daemon, peer):
+        peer.start()
+        daemon.start(timeout_s=60)
+        n = 40
+        first = write_synthetic_ct(tmp_path / "first", shape_zyx=(n, 96, 96), dose_fraction=0.25, seed=4,
+                                   slice_spacing_mm=1.0)
+        sender = PacedSender(daemon.cfg.node.port, first.paths, gap_s=0.1)  # >= 4 s for the series
+        sender.start()
+        peer.wait_for(8, timeout_s=120)  # the first slab is out: the series is streaming
+        _models(daemon, "install", str(identity_model(tmp_path / "model", "2.0.0")), "--activate")
+        assert sender.is_alive(), "the series had all arrived before the activation: nothing was mid-stream"
+        sender.join(timeout=120)
+        files = peer.wait_for(n, timeout_s=180)
+        versions = {pydicom.dcmread(f, stop_before_pixels=True).DerivationDescription for f in files}
+        assert len(versions) == 1 and versions.pop().endswith("+reference-redcnn-1.0.0")
+
+        second = write_synthetic_ct(tmp_path / "second", shape_zyx=(8, 96, 96), dose_fraction=0.25, seed=6,
+                                    slice_spacing_mm=1.0)
+        assert storescu(daemon.cfg.node.port, second.paths).returncode == 0
+        later = [f for f in peer.wait_for(n + 8, timeout_s=180) if f not in files]
+        versions = {pydicom.dcmread(f, stop_before_pixels=True).DerivationDescription for f in later}
+        assert len(versions) == 1 and versions.pop().endswith("+reference-redcnn-2.0.0")
+        assert daemon.terminate() == 0
