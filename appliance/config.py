@@ -296,7 +296,8 @@ class ApplianceConfig(_Section):
         """The model store this configuration names (`engines.store.ModelStore`)."""
         from engines.store import ModelStore
 
-        return ModelStore(self.models.store or self.storage.root / "models", keyring=self.models.keyring)
+        return ModelStore(self.models.store or self.storage.root / "models", keyring=self.models.keyring,
+                          reserve_bytes=self.limits.free_space_reserve_bytes)
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> ApplianceConfig:

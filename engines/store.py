@@ -138,10 +138,12 @@ def verify_signature(card: Path, signature: Path, keyring: Path) -> str:
 
 
 class ModelStore:
-    def __init__(self, root: Path, keyring: Path | None = None, packaged: Path = PACKAGED_DIR) -> None:
+    def __init__(self, root: Path, keyring: Path | None = None, packaged: Path = PACKAGED_DIR,
+                 reserve_bytes: int = 0) -> None:
         self.root = Path(root)
         self.keyring = keyring
         self.packaged = packaged
+        self.reserve_bytes = reserve_bytes  # free space the spool keeps (limits.free_space_reserve_bytes)
 
     # ---- reading ---------------------------------------------------------------------------
     def _state(self, name: str) -> dict:
@@ -277,6 +279,11 @@ class ModelStore:
                 raise StoreError(f"{card.name} {card.version} is already installed with other bytes: an installed "
                                  "version is never replaced; give the new model a new version")
             (self.root / card.name).mkdir(parents=True, exist_ok=True)
+            need = onnx_path.stat().st_size + card_path.stat().st_size
+            st = os.statvfs(self.root)
+            if need > st.f_bavail * st.f_frsize - self.reserve_bytes:
+                raise StoreError(f"not enough space in {self.root} for {need} bytes: the model would eat into the "
+                                 f"{self.reserve_bytes} bytes the spool keeps free (limits.free_space_reserve_bytes)")
             self._own(self.root)
             self._own(self.root / card.name)
             staging = Path(tempfile.mkdtemp(dir=self.root / card.name, prefix=".install-"))

@@ -139,6 +139,16 @@ def test_bad_models_are_refused_and_leave_nothing(tmp_path):
     assert [a["action"] for a in store.audit_lines()] == ["model.install_refused"] * 4
 
 
+def test_a_model_that_would_eat_into_the_spools_reserve_is_refused(tmp_path):
+    import os
+
+    st = os.statvfs(tmp_path)
+    store = ModelStore(tmp_path / "models", reserve_bytes=st.f_bavail * st.f_frsize)  # all of it reserved
+    with pytest.raises(StoreError, match="not enough space"):
+        store.install(identity_model(tmp_path / "a", "2.0.0"))
+    assert ModelStore(tmp_path / "models").install(identity_model(tmp_path / "b", "2.0.0")).version == "2.0.0"
+
+
 def test_a_keyring_requires_a_signature_that_verifies(tmp_path, keys):
     store = ModelStore(tmp_path / "models", keyring=keys / "ca.pem")
     card = identity_model(tmp_path / "a", "2.0.0")
