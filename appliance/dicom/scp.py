@@ -9,12 +9,15 @@ association time (A-ASSOCIATE-RJ).
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import socket
 import sqlite3
 import tempfile
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,11 +58,76 @@ def set_nodelay(assoc) -> None:
         pass  # a closed or non-TCP socket: nothing to tune
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ReceivedFile:
+    """The file pynetdicom writes one received dataset into (in place of its NamedTemporaryFile).
+
+    A full disk while it is created or written must not raise in pynetdicom's reactor thread: that
+    kills the association, and every sender on it gets no answer. Here the bytes are dropped
+    instead, the blocks already written are given back, and ``out_of_space`` tells the C-STORE
+    handler to answer 0xA700 (out of resources: the sender retries later). Other errors raise
+    as before."""
+
+    def __init__(self, folder: Path, **_ignored) -> None:
+        self.out_of_space = False
+        self._f = None
+        try:
+            self._f = tempfile.NamedTemporaryFile(dir=str(folder), prefix="recv-", suffix=".dcm", delete=False,
+                                                  mode="wb")
+            self.name = self._f.name
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            self.out_of_space = True
+            self.name = str(Path(folder) / f"recv-unwritten-{uuid.uuid4().hex}.dcm")
+
+    @property
+    def file(self) -> ReceivedFile:  # pynetdicom calls ``.file.flush()``
+        return self
+
+    def _full(self, exc: OSError) -> None:
+        if exc.errno not in _DISK_FULL:
+            raise exc
+        self.out_of_space = True
+        try:
+            os.ftruncate(self._f.fileno(), 0)  # give the space back at once
+        except OSError:
+            pass
+
+    def write(self, data) -> int:
+        if not self.out_of_space:
+            try:
+                return self._f.write(data)
+            except OSError as exc:
+                self._full(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.out_of_space:
+            try:
+                self._f.flush()
+            except OSError as exc:
+                self._full(exc)
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError as exc:  # the buffer's last flush on a full disk: the file is closed anyway
+                if exc.errno not in _DISK_FULL:
+                    raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 def _write_received_into(folder: Path) -> None:
     """pynetdicom writes each received dataset to a NamedTemporaryFile; put it in the spool's
-    ``incoming/`` so that storing is a rename, not a copy (same file system)."""
-    dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(folder),
-                                                          prefix="recv-")
+    ``incoming/`` so that storing is a rename, not a copy (same file system), through
+    `ReceivedFile` (a full disk answers 0xA700)."""
+    dimse_messages.NamedTemporaryFile = functools.partial(ReceivedFile, Path(folder))
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -217,6 +285,13 @@ class StorageSCP:
         address = requestor.address
         path = Path(event.dataset_path)
         request = event.request
+        received = getattr(request, "_dataset_file", None)
+        if getattr(received, "out_of_space", False):
+            detail = "the disk filled while the instance was being received"
+            log.warning("scp.instance_refused", reason="out_of_space", detail=detail, status="0xA700",
+                        calling_ae=calling, sop_instance_uid=str(request.AffectedSOPInstanceUID))
+            self.spool.record_refused(None, "out_of_space", detail, calling, address)
+            return _status(STATUS_OUT_OF_RESOURCES, f"out_of_space: {detail}")
         prepared = self._fsyncs.submit(hash_and_fsync, path)
         try:
             header = read_header(

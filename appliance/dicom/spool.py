@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
@@ -455,13 +456,20 @@ class Spool(Store):
                     kept.unlink(missing_ok=True)
                     kept.with_suffix(".json").unlink(missing_ok=True)
                 kept = None
-        with self._lock:
-            self.db.execute(
-                "INSERT INTO refused (received_at, reason, detail, calling_ae, peer_address, path)"
-                " VALUES (?,?,?,?,?,?)",
-                (time.time(), reason, detail, calling_ae, peer_address,
-                 str(kept.relative_to(self.root)) if kept else None),
-            )
+        try:
+            with self._lock:
+                self.db.execute(
+                    "INSERT INTO refused (received_at, reason, detail, calling_ae, peer_address, path)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (time.time(), reason, detail, calling_ae, peer_address,
+                     str(kept.relative_to(self.root)) if kept else None),
+                )
+        except sqlite3.Error as exc:  # a full disk: the refusal stands (0xA700, ...), only its record is lost
+            log.warning("spool.refusal_not_recorded", reason=reason, error=str(exc))
+            if kept is not None:
+                kept.unlink(missing_ok=True)
+                kept.with_suffix(".json").unlink(missing_ok=True)
+                kept = None
         return kept
 
     # ---- series index ----------------------------------------------------------------------

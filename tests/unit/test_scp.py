@@ -206,3 +206,21 @@ def test_a_port_already_taken_fails_the_start_with_the_reason(cfg):
                 d.start()
         finally:
             d.stop(5)
+
+
+def test_a_received_file_on_a_full_disk_drops_its_bytes_instead_of_raising(tmp_path):
+    """pynetdicom writes the dataset in its reactor thread: ENOSPC there must become a flag the
+    C-STORE handler answers 0xA700 for, not an exception that kills the association."""
+    from appliance.dicom.scp import ReceivedFile
+
+    rf = ReceivedFile(tmp_path)
+    rf.write(b"\0" * 132)
+    rf.file.flush()
+    assert not rf.out_of_space and Path(rf.name).stat().st_size == 132
+    rf._f.close()
+    rf._f = open("/dev/full", "wb")  # every write: ENOSPC
+    rf.write(b"x" * 100_000)
+    rf.file.flush()
+    assert rf.out_of_space
+    rf.write(b"more")  # dropped, no error
+    rf.close()
