@@ -103,15 +103,24 @@ def expected_pixel_bytes(ds: Dataset) -> int | None:
     return (total_bits + 7) // 8
 
 
-def _check_pixel_length(ds: Dataset, transfer_syntax: pydicom.uid.UID) -> None:
-    if _PIXEL_DATA not in ds or transfer_syntax.is_encapsulated:
+# Storage SOP classes without pixel data: DICOM-CT-PD may arrive as Raw Data.
+_NO_PIXELS = {"1.2.840.10008.5.1.4.1.1.66"}  # Raw Data Storage
+
+
+def _check_pixel_length(ds: Dataset, transfer_syntax: pydicom.uid.UID, sop_class: str) -> None:
+    if _PIXEL_DATA not in ds:
+        if sop_class not in _NO_PIXELS and not any(t in ds for t in _BULK):
+            # An image without its pixels: a dataset cut short before them, or a broken sender.
+            raise InstanceRefused(STATUS_DATASET_MISMATCH, "missing_pixel_data",
+                                  "an image instance without Pixel Data")
+        return
+    if transfer_syntax.is_encapsulated:
         return
     el = ds.get_item(_PIXEL_DATA, keep_deferred=True)
     length = getattr(el, "length", None)
     if length is None:
         return
-    if transfer_syntax.is_deflated:
-        return  # lengths inside a deflated stream were checked by the parse itself
+    # Deflated too: the length is the inflated element's (the stream was parsed to reach it).
     want = expected_pixel_bytes(ds)
     if want is None:
         raise InstanceRefused(
@@ -182,7 +191,7 @@ def read_header(
         raise InstanceRefused(STATUS_DATASET_MISMATCH, "invalid_attribute",
                               f"NumberOfFrames {frames} outside 1..{MAX_FRAMES}")
     try:
-        _check_pixel_length(ds, transfer_syntax)
+        _check_pixel_length(ds, transfer_syntax, sop_class)
     except InstanceRefused:
         raise
     except Exception as exc:

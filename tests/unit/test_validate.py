@@ -99,3 +99,26 @@ def test_deflated_instance_with_large_pixel_data_is_accepted(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     h = read_header(path, CTImageStorage, ds.SOPInstanceUID, [])
     assert h.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+
+
+def test_an_image_without_pixel_data_is_refused(one):
+    """A dataset cut short before its pixels, re-encoded whole: every element parses, Pixel Data is gone."""
+    ds = pydicom.dcmread(one)
+    del ds.PixelData
+    ds.save_as(one, enforce_file_format=True)
+    r = _refusal(one)
+    assert (r.status, r.reason) == (0xA900, "missing_pixel_data")
+
+
+@pytest.mark.parametrize("delta", [-512, +512])
+def test_deflated_pixel_data_of_the_wrong_length_is_refused(tmp_path, delta):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    hu = ramp_volume((1, 64, 64))
+    path = write_series(tmp_path / "d", hu, axial_geometry(hu.shape, 1.0, 1.0))[0]
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:delta] if delta < 0 else ds.PixelData + b"\0" * delta
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    r = _refusal(path)
+    assert (r.status, r.reason) == (0xA900, "pixel_data_length")
