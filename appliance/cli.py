@@ -61,21 +61,25 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return 0 if report.ok and report.sent else 1
 
 
-def _cmd_config_show(args: argparse.Namespace) -> int:
+def _load_config(path: Path | None):
+    """The configuration, or None after printing why it cannot be used (the command exits 2)."""
     try:
-        cfg = config_mod.load(args.file)
+        return config_mod.load(path)
     except config_mod.ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.file)
+    if cfg is None:
         return 2
     sys.stdout.write(config_mod.to_toml(cfg))
     return 0
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    try:
-        config_mod.load(args.file)
-    except config_mod.ConfigError as exc:
-        print(exc, file=sys.stderr)
+    if _load_config(args.file) is None:
         return 2
     print(f"{args.file}: OK")
     return 0
@@ -174,10 +178,8 @@ def _model_and_cache(args: argparse.Namespace) -> tuple[Path, Path]:
 def _cmd_diag(args: argparse.Namespace) -> int:
     from appliance.diag import collect, default_name
 
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 2
     out = args.out or Path.cwd() / default_name()
     if out.is_dir():

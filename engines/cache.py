@@ -84,13 +84,17 @@ def cache_key(
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """``data`` into ``path`` durably and atomically; ``mode``: the file's permissions (mkstemp's
+    are 0600), set before the rename so that no reader ever sees other ones."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

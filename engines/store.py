@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engines.cache import atomic_write
 from engines.card import CardError, file_sha256, load_card
 
 PACKAGED_DIR = Path(__file__).resolve().parent / "models"
@@ -95,23 +96,6 @@ def _actor() -> str:
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from appliance.fsutil import fsync_dir
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def verify_signature(card: Path, signature: Path, keyring: Path) -> str:
@@ -265,12 +249,12 @@ class ModelStore:
             if Path(card.onnx).name != card.onnx or card.onnx in (CARD_FILE, SIGNATURE_FILE, "installed.json"):
                 raise StoreError(f"the card names its ONNX file {card.onnx!r}: an installable card names a file "
                                  f"beside it (not {CARD_FILE}, {SIGNATURE_FILE} or installed.json)")
-            if signature is None and card_path.with_name(card_path.name + ".sig").is_file():
-                signature = card_path.with_name(card_path.name + ".sig")
+            beside = card_path.with_name(card_path.name + ".sig")
+            if signature is None and beside.is_file():
+                signature = beside
             signer = None
             if self.keyring is not None:
-                signer = verify_signature(card_path, signature or card_path.with_name(card_path.name + ".sig"),
-                                          self.keyring)
+                signer = verify_signature(card_path, signature or beside, self.keyring)
             target = self._version_dir(card.name, card.version)
             if target.exists():
                 have = self._installed(card.name, card.version)
@@ -330,7 +314,7 @@ class ModelStore:
     def _set_state(self, name: str, state: dict) -> None:
         (self.root / name).mkdir(parents=True, exist_ok=True)
         path = self.root / name / "state.json"
-        _write_atomic(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        atomic_write(path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode=0o644)
         self._own(path)
 
     def activate(self, name: str, version: str) -> tuple[str, str]:
@@ -365,11 +349,12 @@ class ModelStore:
         if not state["history"]:
             raise StoreError(f"{name}: nothing to roll back to (no earlier activation)")
         back = state["history"][-1]
-        if back is not None and not (self._version_dir(name, back) / CARD_FILE).is_file():
-            raise StoreError(f"{name}: the previous version {back} is no longer installed")
         if back is not None:
+            card = self._version_dir(name, back) / CARD_FILE
+            if not card.is_file():
+                raise StoreError(f"{name}: the previous version {back} is no longer installed")
             try:
-                load_card(self._version_dir(name, back) / CARD_FILE)
+                load_card(card)
             except CardError as exc:
                 raise StoreError(str(exc)) from exc
         current = state["active"] or PACKAGED

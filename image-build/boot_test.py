@@ -346,13 +346,12 @@ def study_back(guest: Guest, console, port: int, folder: Path, study_uid: str, n
     t = guest.elapsed()
     send(folder, port)
     sent = guest.elapsed()
-    wait_for(f"the {name} study's derived series", lambda: derived_series(console.out, study_uid, n, pipeline),
-             guest, 600, 2.0)
+    files = wait_for(f"the {name} study's derived series",
+                     lambda: derived_series(console.out, study_uid, n, pipeline), guest, 600, 2.0)
     back = guest.elapsed() - sent
     print(f"{name}: {n} instances sent in {sent - t:.1f} s, the {pipeline} series back {back:.1f} s later", flush=True)
     import pydicom
 
-    files = derived_series(console.out, study_uid, n, pipeline)
     made_by = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).DerivationDescription) for f in files})
     return {"sent_at_s": t, "sent_s": sent - t, "derived_series_back_s": back, "instances": n,
             "derivation": made_by}

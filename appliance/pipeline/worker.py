@@ -129,8 +129,6 @@ class Worker(BackgroundLoop):
                                                 current=fresh.version, detail=f"loaded {fresh.model}"))
             return fresh
 
-    _pipeline = pipeline
-
     def discard(self, job_id: int) -> None:
         """Forget the volume kept for a job that will not run (superseded)."""
         with self._volumes_lock:
@@ -260,7 +258,8 @@ class Worker(BackgroundLoop):
                  timings={k: round(v, 3) for k, v in timings.items()})
         self.publisher.publish(
             JobDone(study_uid=job.study_uid, series_uid=job.series_uid, job_id=job.id, pipeline=pipeline.name,
-                    pipeline_version=pipeline.version, label=job.label, derived_series_uid=derived_uid, instances=instances, timings=timings),
+                    pipeline_version=pipeline.version, label=job.label, derived_series_uid=derived_uid,
+                    instances=instances, timings=timings),
             buffer=result.voxels if self.cfg.events.include_results else None,
         )
         self.on_exporting(self.jobs.get(job.id))
@@ -282,7 +281,7 @@ class Worker(BackgroundLoop):
         if self.cfg.pipeline.on_failure == "passthrough":
             try:
                 volume = self._volume_for(job)
-                fallback = self._pipeline("passthrough")
+                fallback = self.pipeline("passthrough")
                 result, _ = fallback.run(volume)
                 result.provenance.append(f"{job.pipeline} failed ({reason}); sent unprocessed")
                 self._deliver(job, result, fallback)
