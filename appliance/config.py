@@ -112,7 +112,14 @@ class CompletionConfig(_Section):
 
 class LimitsConfig(_Section):
     max_instances_per_series: int = Field(5000, ge=1)
-    max_bytes_per_instance: int = Field(512 * 1024 * 1024, ge=1024)
+    max_bytes_per_instance: int = Field(
+        512 * 1024 * 1024, ge=1024,
+        description="received bytes per instance, and what its pixel data may decode to (Rows x Columns x frames x ...)",
+    )
+    max_inflated_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="what a Deflated Explicit VR dataset may inflate to (a deflate bomb stops here)",
+    )
     free_space_reserve_bytes: int = Field(
         512 * 1024 * 1024, ge=0, description="refuse instances (0xA700) rather than fill the disk below this"
     )

@@ -299,6 +299,8 @@ class StorageSCP:
                 str(request.AffectedSOPClassUID),
                 str(request.AffectedSOPInstanceUID),
                 self.cfg.completion.expected_count_tags,
+                max_inflated_bytes=self.cfg.limits.max_inflated_bytes,
+                max_pixel_bytes=self.cfg.limits.max_bytes_per_instance,
             )
             outcome = self.spool.store(path, header, calling, address, move=True, sha256=prepared.result())
         except InstanceRefused as refusal:
