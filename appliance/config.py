@@ -41,7 +41,20 @@ class NodeConfig(_Section):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
-    max_pdu_bytes: int = Field(0, ge=0, description="0: unlimited")
+    max_pdu_bytes: int = Field(
+        1024 * 1024, ge=0,
+        description="largest P-DATA-TF PDU accepted (announced in A-ASSOCIATE-AC); a longer one aborts the "
+        "association before it is read. 0: unlimited (any declared length is read into memory)",
+    )
+    request_timeout_s: float = Field(
+        4.0, gt=0, description="a new connection's A-ASSOCIATE-RQ (or TLS handshake) must arrive whole within this"
+    )
+    max_connections_per_source: int = Field(
+        8, ge=1, description="connections one source address may hold at once (waiting or associated)"
+    )
+    max_pending_connections: int = Field(
+        32, ge=1, description="connections still waiting for their A-ASSOCIATE-RQ, from all sources together"
+    )
     process: bool = Field(
         True, description="receive in a process of its own (the association threads then never wait for the "
         "daemon's interpreter lock while it derives); false: threads of the daemon"

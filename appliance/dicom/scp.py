@@ -28,6 +28,7 @@ from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 
 from appliance.config import ApplianceConfig
+from appliance.dicom import admission
 from appliance.dicom.sop import STORAGE_SOP_CLASSES, accepted_transfer_syntaxes
 from appliance.dicom.spool import Spool, StoreOutcome, hash_and_fsync
 from appliance.dicom.validate import (STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, InstanceHeader,
@@ -41,7 +42,6 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 
 # A-ASSOCIATE-RJ: (result, source, diagnostic), PS3.8 9.3.4
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
-_REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
 
 StoredCallback = Callable[[StoreOutcome, InstanceHeader], None]
 ReleasedCallback = Callable[[list[str]], None]
@@ -187,9 +187,13 @@ class StorageSCP:
     def start(self) -> None:
         node = self.cfg.node
         _write_received_into(self.spool.incoming)
-        self._server = self.ae.start_server(
-            (node.bind_address, node.port), block=False, evt_handlers=self.handlers
+        admission.bound_pdu_reads()
+        self.admission = admission.Admission(
+            self.cfg.peers.source_allowed, node.max_connections_per_source, node.max_pending_connections,
+            node.request_timeout_s,
         )
+        self._server = admission.start_server(self.ae, (node.bind_address, node.port), self.handlers,
+                                              self.admission)
         log.info(
             "scp.listening",
             ae_title=node.ae_title,
@@ -259,10 +263,8 @@ class StorageSCP:
         requestor = event.assoc.requestor
         # requestor.ae_title is only filled in during negotiation, after this event: read the request.
         calling = str(requestor.primitive.calling_ae_title).strip()
-        peers = self.cfg.peers
-        if not peers.source_allowed(requestor.address):
-            self._reject(event, "source_not_allowed", calling, _REJECT_NO_REASON)
-        elif not peers.calling_ae_allowed(calling):
+        # The source address was checked when the connection was accepted (`admission`).
+        if not self.cfg.peers.calling_ae_allowed(calling):
             self._reject(event, "calling_ae_not_allowed", calling, _REJECT_CALLING_AE)
 
     @staticmethod

@@ -1,0 +1,358 @@
+"""Admission before negotiation: who gets a connection, and for how long before it says who it is.
+
+pynetdicom starts an association thread for every TCP connection and counts it against the
+association limit until its A-ASSOCIATE-RQ arrives or `acse_timeout` passes, even when the peer
+has long gone; the allow-lists are consulted only after a complete request. So 16 connections that
+send 30 bytes and close locked every sender out for 30 s. Here, in front of pynetdicom:
+
+1. **At accept**, on the server's thread, before any byte is read: a source outside
+   ``peers.allowed_source_networks`` is refused, and so is a source already holding
+   ``node.max_connections_per_source`` connections, or any source once
+   ``node.max_pending_connections`` connections are still waiting for their request. A refusal is
+   an A-ASSOCIATE-RJ (a sender reads why) and the socket is closed.
+2. **Until the request is whole**, on the connection's own thread: the A-ASSOCIATE-RQ must be in
+   the socket's buffer (read with MSG_PEEK, so pynetdicom still reads it itself) within
+   ``node.request_timeout_s``; a peer that closes first is let go at once, one that sends something
+   else (a TLS ClientHello on the plain port, an unknown PDU) or a request over
+   `MAX_REQUEST_BYTES` is refused. Only then does pynetdicom create the association, so a
+   half-open connection never holds an association slot. On the TLS port the handshake must
+   finish within the same time (the request is then read by pynetdicom: TLS cannot peek).
+3. **PDU lengths**: pynetdicom reads whatever length a PDU header declares into memory; here a
+   P-DATA-TF PDU longer than the maximum the appliance announced, or any other PDU longer than a
+   request could be, aborts the association before its body is read (`bound_pdu_reads`).
+
+A connection's slot (its count against its source) is given back when its association ends.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from pynetdicom import evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from appliance.logging import get_logger
+
+log = get_logger(__name__)
+
+MAX_REQUEST_BYTES = 256 * 1024  # an A-ASSOCIATE-RQ with 128 contexts and a user identity is a few dozen KiB
+_A_ASSOCIATE_RQ = 0x01
+_P_DATA_TF = 0x04
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
+RJ_NOT_ALLOWED = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+RJ_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider (presentation), temporary congestion
+
+
+def reject_pdu(result: int, source: int, reason: int) -> bytes:
+    return struct.pack(">BBLBBBB", 0x03, 0, 4, 0, result, source, reason)
+
+
+class Admission:
+    """Connection counts per source address, and the decisions made from them."""
+
+    def __init__(self, source_allowed: Callable[[str], bool], max_per_source: int, max_pending: int,
+                 request_timeout_s: float, on_refused: Callable[[str, str], None] | None = None) -> None:
+        self.source_allowed = source_allowed
+        self.max_per_source = max_per_source
+        self.max_pending = max_pending
+        self.request_timeout_s = request_timeout_s
+        self.on_refused = on_refused
+        self._lock = threading.Lock()
+        self._connections: Counter[str] = Counter()
+        self._pending = 0
+
+    def admit(self, address: str) -> tuple[int, int, int] | None:
+        """Count a new connection from ``address``; or the A-ASSOCIATE-RJ to refuse it with."""
+        if not self.source_allowed(address):
+            self._refused(address, "source_not_allowed")
+            return RJ_NOT_ALLOWED
+        with self._lock:
+            if self._connections[address] >= self.max_per_source:
+                reason = "too_many_connections_from_source"
+            elif self._pending >= self.max_pending:
+                reason = "too_many_pending_connections"
+            else:
+                self._connections[address] += 1
+                self._pending += 1
+                return None
+        self._refused(address, reason)
+        return RJ_LOCAL_LIMIT
+
+    def requested(self) -> None:
+        """The connection's request arrived (or it failed): it no longer counts as pending."""
+        with self._lock:
+            self._pending -= 1
+
+    def release(self, address: str) -> None:
+        with self._lock:
+            self._connections[address] -= 1
+            if self._connections[address] <= 0:
+                del self._connections[address]
+
+    def _refused(self, address: str, reason: str) -> None:
+        log.warning("scp.connection_refused", reason=reason, peer_address=address)
+        if self.on_refused is not None:
+            self.on_refused(address, reason)
+
+    def await_request(self, sock: socket.socket, address: str) -> str | None:
+        """Wait (at most ``request_timeout_s``) until a whole A-ASSOCIATE-RQ is in ``sock``'s
+        buffer; None when it is, else why the connection is let go."""
+        deadline = time.monotonic() + self.request_timeout_s
+        want = 6
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "request_timeout"
+            readable, _, _ = select.select([sock], [], [], left)
+            if not readable:
+                return "request_timeout"
+            try:
+                head = sock.recv(want, socket.MSG_PEEK)
+            except OSError:
+                return "connection_lost"
+            if not head:
+                return "closed_before_request"
+            if head[0] != _A_ASSOCIATE_RQ:
+                return "tls_on_plain_port" if head[0] == 0x16 else "not_an_association_request"
+            if len(head) >= 6:
+                length = struct.unpack_from(">L", head, 2)[0]
+                if length > MAX_REQUEST_BYTES:
+                    return "request_too_large"
+                want = 6 + length
+                if len(head) >= want:
+                    return None
+            if len(head) < want:
+                if _peer_closed(sock):  # the rest will never come (peeked data hides the end of stream)
+                    return "closed_before_request"
+                # Part of what is wanted is there: wait for more without spinning on what is.
+                time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+
+
+_TCP_CLOSE_WAIT = 8  # linux/tcp_states.h: the peer sent its FIN
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
+    except (OSError, AttributeError):
+        return False
+
+
+class _Reaper(threading.Thread):
+    """Closes refused sockets once their A-ASSOCIATE-RJ had a moment to leave: closing a socket
+    with unread data at once sends a reset, which can destroy the rejection before the sender
+    reads it. One thread for all of them, so refusals cost the accept loop nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(name="scp-refused", daemon=True)
+        self._lock = threading.Lock()
+        self._socks: list[tuple[float, socket.socket]] = []
+        self._wake = threading.Event()
+        self.start()
+
+    def add(self, sock: socket.socket, linger_s: float = 1.0) -> None:
+        with self._lock:
+            self._socks.append((time.monotonic() + linger_s, sock))
+        self._wake.set()
+
+    def run(self) -> None:
+        while True:
+            self._wake.wait(0.2)
+            self._wake.clear()
+            now = time.monotonic()
+            with self._lock:
+                due = [s for t, s in self._socks if t <= now]
+                self._socks = [(t, s) for t, s in self._socks if t > now]
+                waiting = [s for _, s in self._socks]
+            for sock in waiting:  # drain what the sender still sends, so closing later is quiet
+                try:
+                    while sock.recv(65536, socket.MSG_DONTWAIT):
+                        pass
+                except OSError:
+                    pass
+            for sock in due:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+
+_reaper: _Reaper | None = None
+_reaper_lock = threading.Lock()
+
+
+def refuse(sock: socket.socket, rj: tuple[int, int, int]) -> None:
+    """Send an A-ASSOCIATE-RJ on a connection nobody has read from, and close it shortly."""
+    global _reaper
+    try:
+        sock.setblocking(False)
+        sock.send(reject_pdu(*rj))
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    with _reaper_lock:
+        if _reaper is None:
+            _reaper = _Reaper()
+    _reaper.add(sock)
+
+
+class AdmittedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, keeping the association it starts (the server waits for it)."""
+
+    assoc = None
+
+    def handle(self) -> None:
+        self.assoc = self._create_association()
+        evt.trigger(self.assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        self.assoc.start()
+
+
+class AdmittingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with `Admission` in front (set ``admission``
+    after construction) and the TLS handshake on the connection's thread, not the accept loop."""
+
+    admission: Admission
+    tls_context: ssl.SSLContext | None = None
+
+    def get_request(self):
+        client_socket, address = self.socket.accept()  # no handshake here: one slow client would stall accepting
+        return client_socket, address
+
+    def verify_request(self, request, client_address) -> bool:
+        rj = self.admission.admit(client_address[0])
+        if rj is None:
+            return True
+        refuse(request, rj)
+        return False
+
+    def process_request_thread(self, request, client_address) -> None:
+        address = client_address[0]
+        requested = False
+        try:
+            if self.tls_context is not None:
+                request, why = self._handshake(request)
+            else:
+                why = self.admission.await_request(request, address)
+            self.admission.requested()
+            requested = True
+            if why is not None:
+                log.warning("scp.connection_dropped", reason=why, peer_address=address)
+                if self.admission.on_refused is not None:
+                    self.admission.on_refused(address, why)
+                if why in ("tls_on_plain_port", "not_an_association_request", "request_too_large"):
+                    refuse(request, RJ_NOT_ALLOWED)
+                else:
+                    self._close(request)
+                return
+            handler = self.RequestHandlerClass(request, client_address, self)
+            if handler.assoc is not None:
+                handler.assoc.join()  # the connection's slot is held while its association runs
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        finally:
+            if not requested:
+                self.admission.requested()
+            self.admission.release(address)
+
+    def _handshake(self, request: socket.socket):
+        try:
+            request.settimeout(self.admission.request_timeout_s)
+            tls = self.tls_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            tls.do_handshake()
+            tls.settimeout(None)
+            return tls, None
+        except ssl.SSLError as exc:
+            return request, f"tls_handshake_failed: {exc.reason or exc}"
+        except (OSError, TimeoutError) as exc:
+            return request, f"tls_handshake_failed: {type(exc).__name__}"
+
+    @staticmethod
+    def _close(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def start_server(ae, address, evt_handlers, admission: Admission, tls_context: ssl.SSLContext | None = None):
+    """`AE.start_server(block=False)` with `AdmittingServer`: serving on a thread of its own."""
+    server = ae.make_server(address, evt_handlers=evt_handlers, server_class=AdmittingServer,
+                            request_handler=AdmittedRequestHandler)
+    server.admission, server.tls_context = admission, tls_context
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server
+
+
+# ---- PDU lengths ------------------------------------------------------------------------------
+_MAX_OTHER_PDU = MAX_REQUEST_BYTES  # A-ASSOCIATE-RQ/AC; RJ, release and abort PDUs hold 4 bytes
+
+
+def _announced_maximum(dul: DULServiceProvider) -> int:
+    """The largest P-DATA-TF variable field this side said it would receive (0: unlimited)."""
+    assoc = dul.assoc
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    return int(local.maximum_length or 0)
+
+
+def _bounded_read(self: DULServiceProvider) -> None:
+    """pynetdicom 3's `DULServiceProvider._read_pdu_data` with one check added after the header:
+    a PDU longer than it may be is an invalid PDU (Evt19: the state machine aborts the
+    association) and its body is never read. (pynetdicom reads any declared length into memory.)"""
+    bytestream = bytearray()
+    try:
+        bytestream.extend(self.socket.recv(6))
+    except (OSError, TimeoutError):
+        self.event_queue.put("Evt17")  # transport connection closed
+        return
+    try:
+        pdu_type, _, pdu_length = struct.unpack(">BBL", bytestream)
+    except struct.error:
+        self.event_queue.put("Evt17")
+        return
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        log.warning("scp.pdu_unknown", pdu_type=f"0x{pdu_type:02X}")
+        self.event_queue.put("Evt19")  # unrecognised or invalid PDU
+        return
+    limit = _announced_maximum(self) if pdu_type == _P_DATA_TF else _MAX_OTHER_PDU
+    if limit and pdu_length > limit:
+        log.warning("scp.pdu_too_long", pdu_type=f"0x{pdu_type:02X}", length=pdu_length, limit=limit)
+        self.event_queue.put("Evt19")
+        return
+    try:
+        bytestream += self.socket.recv(pdu_length)
+    except (OSError, TimeoutError):
+        self.event_queue.put("Evt17")
+        return
+    if len(bytestream) != 6 + pdu_length:
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(bytestream)
+        self.event_queue.put(event)
+    except Exception:
+        log.warning("scp.pdu_undecodable", pdu_type=f"0x{pdu_type:02X}", length=pdu_length)
+        self.event_queue.put("Evt19")
+        return
+    self._recv_pdu.put(pdu)
+
+
+def bound_pdu_reads() -> None:
+    """Install the PDU length check (process-wide, idempotent)."""
+    DULServiceProvider._read_pdu_data = _bounded_read
