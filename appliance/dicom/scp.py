@@ -134,7 +134,7 @@ def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
     if comment:
-        ds.ErrorComment = comment[:64]  # LO: 64 characters
+        ds.ErrorComment = comment.replace("\\", "/")[:64]  # LO: 64 characters, no backslash (a value separator)
     return ds
 
 
