@@ -79,7 +79,15 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    if _load_config(args.file) is None:
+    cfg = _load_config(args.file)
+    if cfg is None:
+        return 2
+    from appliance.dicom import tls
+
+    problems = tls.check(cfg)  # the certificates, keys and CA bundles load as the daemon will load them
+    for problem in problems:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if problems:
         return 2
     print(f"{args.file}: OK")
     return 0

@@ -160,6 +160,47 @@ class DicomConfig(_Section):
         return v
 
 
+class TlsConfig(_Section):
+    """DICOM over TLS for receiving (PS3.15 B.9, the BCP 195 profiles): a TLS listener beside (or,
+    with ``plain = false``, instead of) the plain one on ``node.port``."""
+
+    port: int | None = Field(None, ge=1, le=65535, description="TLS listener port (2762 is DICOM's); none: no TLS")
+    plain: bool = Field(True, description="keep the plain listener on node.port as well")
+    certificate: Path | None = Field(None, description="server certificate, PEM (the chain after it)")
+    private_key: Path | None = Field(None, description="its private key, PEM, unencrypted (readable by the service only)")
+    ca_bundle: Path | None = Field(None, description="CAs whose client certificates are accepted, PEM")
+    verify_clients: bool = Field(False, description="require a client certificate that ca_bundle verifies")
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsConfig:
+        if self.port is not None and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.port needs tls.certificate and tls.private_key")
+        if self.verify_clients and self.ca_bundle is None:
+            raise ValueError("tls.verify_clients needs tls.ca_bundle")
+        if not self.plain and self.port is None:
+            raise ValueError("tls.plain = false needs tls.port: the appliance would not listen at all")
+        return self
+
+
+class DestinationTls(_Section):
+    """DICOM over TLS to one destination."""
+
+    enabled: bool = False
+    ca_bundle: Path | None = Field(None, description="CAs that verify the destination's certificate; none: the system's")
+    verify: bool = Field(True, description="verify the destination's certificate and name (off only for tests)")
+    server_name: str | None = Field(None, description="the name its certificate must carry; default: host")
+    certificate: Path | None = Field(None, description="client certificate, PEM, when the destination asks for one")
+    private_key: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key go together")
+        return self
+
+
 class Destination(_Section):
     """A DICOM peer that receives derived series (console, PACS)."""
 
@@ -167,6 +208,7 @@ class Destination(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(None, max_length=16, description="default: node.ae_title")
+    tls: DestinationTls = Field(default_factory=DestinationTls)
 
 
 class RouteRule(_Section):
@@ -289,6 +331,7 @@ class EventsConfig(_Section):
 class ApplianceConfig(_Section):
     node: NodeConfig = Field(default_factory=NodeConfig)
     peers: PeersConfig = Field(default_factory=PeersConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     completion: CompletionConfig = Field(default_factory=CompletionConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -318,6 +361,12 @@ class ApplianceConfig(_Section):
 
         return ModelStore(self.models.store or self.storage.root / "models", keyring=self.models.keyring,
                           reserve_bytes=self.limits.free_space_reserve_bytes)
+
+    @model_validator(mode="after")
+    def _tls_port_apart(self) -> ApplianceConfig:
+        if self.tls.port is not None and self.tls.plain and self.tls.port == self.node.port:
+            raise ValueError(f"tls.port {self.tls.port} is node.port too: the TLS listener needs a port of its own")
+        return self
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> ApplianceConfig:

@@ -399,9 +399,10 @@ class Daemon:
         self._health = threading.Thread(target=self._health_loop, name="health", daemon=True)
         self._health.start()
         sdnotify.notify("READY=1")
-        sdnotify.notify(f"STATUS=listening on port {self.scp.port}")
+        tls_port = self.scp.tls_port
+        sdnotify.notify(f"STATUS=listening on port {self.scp.port}" + (f", TLS on {tls_port}" if tls_port else ""))
         self._watchdog.start()
-        log.info("daemon.started", storage_root=str(self.cfg.storage.root), port=self.scp.port,
+        log.info("daemon.started", storage_root=str(self.cfg.storage.root), port=self.scp.port, tls_port=tls_port,
                  events=self.publisher.endpoint, pending_jobs=self.jobs.count(QUEUED, RUNNING, EXPORTING))
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:

@@ -35,6 +35,7 @@ from pynetdicom import AE
 from appliance.background import BackgroundLoop
 from appliance.config import Destination, ExportConfig
 from appliance.db import Store
+from appliance.dicom import tls
 from appliance.dicom.scu import NODELAY, MessageIds, close_parked, park_reactor, usable
 from appliance.logging import get_logger
 
@@ -262,8 +263,12 @@ class Link:
         for sop_class in sorted(self.sop_classes):
             ae.add_requested_context(sop_class, list(_SYNTAXES))
         self.destination = destination
+        try:
+            tls_args = tls.client_context(destination.tls, destination.host) if destination.tls.enabled else None
+        except tls.TlsSetupError as exc:
+            raise DeliveryError(str(exc)) from exc
         self.assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                  evt_handlers=NODELAY)
+                                  evt_handlers=NODELAY, tls_args=tls_args)
         if not self.assoc.is_established:
             raise DeliveryError(f"no association with {destination.ae_title}@{destination.host}:{destination.port}")
         self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in self.assoc.accepted_contexts}

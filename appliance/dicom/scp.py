@@ -28,7 +28,7 @@ from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 
 from appliance.config import ApplianceConfig
-from appliance.dicom import admission
+from appliance.dicom import admission, tls
 from appliance.dicom.sop import STORAGE_SOP_CLASSES, accepted_transfer_syntaxes
 from appliance.dicom.spool import Spool, StoreOutcome, hash_and_fsync
 from appliance.dicom.validate import (STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, InstanceHeader,
@@ -151,7 +151,7 @@ class StorageSCP:
         self.on_stored = on_stored
         self.on_released = on_released
         self.ae = self._make_ae()
-        self._server = None
+        self._servers: list = []
         self._lock = threading.Lock()
         self._assoc_series: dict[int, set[str]] = defaultdict(set)  # id(association) -> series it stored into
         self._series_assocs: dict[str, int] = defaultdict(int)  # series -> associations storing into it
@@ -185,38 +185,63 @@ class StorageSCP:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        node = self.cfg.node
+        node, tls_cfg = self.cfg.node, self.cfg.tls
         _write_received_into(self.spool.incoming)
         admission.bound_pdu_reads()
         self.admission = admission.Admission(
             self.cfg.peers.source_allowed, node.max_connections_per_source, node.max_pending_connections,
             node.request_timeout_s,
         )
-        self._server = admission.start_server(self.ae, (node.bind_address, node.port), self.handlers,
-                                              self.admission)
+        tls_context = tls.server_context(tls_cfg) if tls_cfg.port is not None else None  # bad files: fail here
+        servers = []
+        try:
+            if tls_cfg.plain:
+                servers.append(admission.start_server(self.ae, (node.bind_address, node.port), self.handlers,
+                                                      self.admission))
+            if tls_context is not None:
+                servers.append(admission.start_server(self.ae, (node.bind_address, tls_cfg.port), self.handlers,
+                                                      self.admission, tls_context))
+        except BaseException:
+            for server in servers:
+                server.shutdown()
+            raise
+        self._servers = servers
         log.info(
             "scp.listening",
             ae_title=node.ae_title,
             address=node.bind_address,
-            port=self.port,
+            port=self.port if tls_cfg.plain else None,
+            tls_port=self.tls_port,
+            verify_clients=tls_cfg.verify_clients if tls_context is not None else None,
             transfer_syntaxes=len(accepted_transfer_syntaxes()),
         )
 
+    def _listening(self, secure: bool):
+        return next((s for s in self._servers if (s.tls_context is not None) == secure), None)
+
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server else self.cfg.node.port
+        """The plain listener's port (the TLS one's when there is no plain listener)."""
+        server = self._listening(False) or self._listening(True)
+        return server.server_address[1] if server else self.cfg.node.port
+
+    @property
+    def tls_port(self) -> int | None:
+        server = self._listening(True)
+        return server.server_address[1] if server else self.cfg.tls.port
 
     @property
     def alive(self) -> bool:
-        return self._server is not None
+        return bool(self._servers)
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting, let running associations finish (up to the timeout), then abort the rest."""
-        if self._server is None:
+        if not self._servers:
             return
-        server, self._server = self._server, None
-        server.shutdown()  # first: no association can start after the list below is taken
-        active = server.active_associations
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.shutdown()  # first: no association can start after the list below is taken
+        active = [a for server in servers for a in server.active_associations]
         deadline = time.monotonic() + drain_timeout_s
         for assoc in active:
             assoc.join(max(0.0, deadline - time.monotonic()))

@@ -53,7 +53,7 @@ def _child(cfg_json: str, log_level: str, conn) -> None:
         tell("failed", f"{type(exc).__name__}: {exc}")
         spool.close()
         return
-    tell("listening", scp.port)
+    tell("listening", (scp.port, scp.tls_port))
     drain_s = 0.0
     try:
         while True:
@@ -84,6 +84,7 @@ class ReceiverProcess(ChildProcess):
         self.cfg = cfg
         self.on_stored, self.on_released = on_stored, on_released
         self._port: int | None = None
+        self._tls_port: int | None = None
 
     def start(self) -> None:
         self._proc.start()
@@ -98,7 +99,7 @@ class ReceiverProcess(ChildProcess):
         if kind != "listening":
             self._proc.join(5)
             raise RuntimeError(f"the receiver could not listen: {value}")
-        self._port = int(value)
+        self._port, self._tls_port = int(value[0]), value[1]
         self._start_reading()
         log.info("receiver.started", pid=self._proc.pid, port=self._port)
 
@@ -111,6 +112,10 @@ class ReceiverProcess(ChildProcess):
     @property
     def port(self) -> int:
         return self._port if self._port is not None else self.cfg.node.port
+
+    @property
+    def tls_port(self) -> int | None:
+        return self._tls_port if self._tls_port is not None else self.cfg.tls.port
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         """No new associations; running ones finish (up to the timeout); every stored instance's

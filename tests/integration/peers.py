@@ -34,15 +34,15 @@ def storescu(port: int, files: list[Path], aet: str = "CONSOLE") -> subprocess.C
 class StoreSCP:
     """dcmtk's storescp as the destination; counts the C-STORE requests it receives."""
 
-    def __init__(self, out: Path, port: int) -> None:
-        self.out, self.port = out, port
+    def __init__(self, out: Path, port: int, extra: list[str] = ()) -> None:
+        self.out, self.port, self.extra = out, port, list(extra)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = out.parent / f"storescp-{port}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
         self.proc = subprocess.Popen(
-            [str(STORESCP), "-v", "-aet", "CONSOLE", "-od", str(self.out), str(self.port)],
+            [str(STORESCP), "-v", "-aet", "CONSOLE", "-od", str(self.out), *self.extra, str(self.port)],
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
         )
         time.sleep(0.3)
