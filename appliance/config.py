@@ -328,6 +328,27 @@ class EventsConfig(_Section):
     curve_clients_dir: Path | None = Field(None, description="public certificates of allowed subscribers")
 
 
+class AuditConfig(_Section):
+    """The audit trail (PS3.15 A.5 audit messages, IHE ATNA): see appliance/audit.py."""
+
+    enabled: bool = True
+    path: Path | None = Field(None, description="append-only log of audit messages; default <storage.root>/audit/audit.log")
+    syslog: str | None = Field(None, description="RFC 5424 collector: udp://host:514, tcp://host:601 or tls://host:6514")
+    syslog_ca_bundle: Path | None = Field(None, description="CAs for a tls:// collector; default: the system's")
+    include_patient_name: bool = Field(False, description="patients are named by Patient ID; their names only if true")
+    source_id: str | None = Field(None, description="AuditSourceID; default <node.ae_title>@<hostname>")
+    site_id: str | None = Field(None, description="AuditEnterpriseSiteID (the hospital)")
+    alert_interval_s: float = Field(60.0, ge=0, description="security alerts of one kind from one address: at most "
+                                    "one per interval, with the count of those folded into it")
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(udp|tcp|tls)://[^/:]+(:\d+)?$", v):
+            raise ValueError("audit.syslog: udp://host[:port], tcp://host[:port] or tls://host[:port]")
+        return v
+
+
 class ApplianceConfig(_Section):
     node: NodeConfig = Field(default_factory=NodeConfig)
     peers: PeersConfig = Field(default_factory=PeersConfig)
@@ -354,6 +375,13 @@ class ApplianceConfig(_Section):
     derived: DerivedConfig = Field(default_factory=DerivedConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+
+    def audit_trail(self):
+        """This process's audit trail (`appliance.audit.AuditTrail`)."""
+        from appliance.audit import AuditTrail
+
+        return AuditTrail(self.audit, self.node.ae_title, self.storage.root)
 
     def model_store(self):
         """The model store this configuration names (`engines.store.ModelStore`)."""

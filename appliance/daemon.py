@@ -19,16 +19,19 @@ state is the record.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import signal
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pydicom
 
-from appliance import __version__
+from appliance import __version__, audit
 from appliance.config import ApplianceConfig
 from appliance.dicom.assemble import Assembly, Rejection, assemble_series, plan_series
 from appliance.dicom.completion import CompletionWatcher
@@ -46,6 +49,7 @@ from appliance.pipeline.routing import route
 from appliance.pipeline.worker import Worker, input_label
 from appliance.volume import Volume
 from appliance import sdnotify
+from engines.cache import atomic_write
 
 log = get_logger(__name__)
 
@@ -68,6 +72,7 @@ class Daemon:
         self.jobs = JobQueue(root / "jobs.sqlite")
         self.outbox = Outbox(root)
         self.publisher = Publisher(cfg.events, appliance=cfg.node.ae_title)
+        self.audit = cfg.audit_trail()
         log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         if cfg.node.process:
             from appliance.dicom.scp_process import ReceiverProcess
@@ -79,6 +84,7 @@ class Daemon:
         self.watcher = CompletionWatcher(self.spool, cfg.completion, on_complete=self._on_complete)
         self.worker = Worker(cfg, self.spool, self.jobs, self.outbox, self.publisher, self.pipelines,
                              on_exporting=self._on_exporting)
+        self.worker.audit = self.audit
         if cfg.export.process:
             from appliance.dicom.export_process import ExporterProcess
 
@@ -316,6 +322,8 @@ class Daemon:
         self.exporter.notify()
 
     def _on_export_sent(self, entry: Entry) -> None:
+        self._audit_export(entry, audit.SUCCESS, f"derived series {entry.derived_series_uid} to {entry.destination}"
+                           f" in {entry.attempts + 1} attempt(s)")
         job = self.jobs.get(entry.job_id)
         end_to_end = time.time() - job.received_first if job and job.received_first else None
         self.publisher.publish(ExportDone(
@@ -342,7 +350,27 @@ class Daemon:
         removed = self.spool.release(job.series_uid, job.generation)
         log.info("series.released", series_uid=job.series_uid, instances_removed=removed)
 
+    def _audit_export(self, entry: Entry, outcome: str, description: str) -> None:
+        """DICOM Instances Transferred (action R) for a derived series and one destination."""
+        files = sorted(Path(entry.folder).glob("*.dcm"))[:1] if entry.folder else []
+        studies: dict[str, audit.StudyTransfer] = {}
+        if files:
+            try:
+                ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+                studies[str(ds.StudyInstanceUID)] = audit.StudyTransfer(
+                    patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
+                    description=str(ds.get("StudyDescription", "") or ""))
+                studies[str(ds.StudyInstanceUID)].add(str(ds.SOPClassUID), self.outbox.instance_count(entry.id))
+            except Exception as exc:  # the record is still written, with what is known
+                log.warning("audit.export_unread", entry_id=entry.id, error=str(exc))
+        dest = self.cfg.destinations.get(entry.destination)
+        self.audit.instances_transferred(
+            "R", audit.Node(self.cfg.node.ae_title, None, requestor=True),
+            audit.Node(dest.ae_title if dest else entry.destination, dest.host if dest else None), studies, outcome,
+            description)
+
     def _on_export_gave_up(self, entry: Entry) -> None:
+        self._audit_export(entry, audit.SERIOUS_FAILURE, f"gave up on {entry.destination}: {entry.last_error}")
         job = self.jobs.get(entry.job_id)
         detail = f"{entry.destination}: {entry.last_error} (after {entry.attempts} attempts)"
         if job is not None:
@@ -402,6 +430,9 @@ class Daemon:
         tls_port = self.scp.tls_port
         sdnotify.notify(f"STATUS=listening on port {self.scp.port}" + (f", TLS on {tls_port}" if tls_port else ""))
         self._watchdog.start()
+        self.audit.application(started=True, description=f"appliance {__version__}, port {self.scp.port}"
+                               + (f", TLS port {tls_port}" if tls_port else ""))
+        self._audit_changes()
         log.info("daemon.started", storage_root=str(self.cfg.storage.root), port=self.scp.port, tls_port=tls_port,
                  events=self.publisher.endpoint, pending_jobs=self.jobs.count(QUEUED, RUNNING, EXPORTING))
 
@@ -424,7 +455,39 @@ class Daemon:
         self.outbox.close()
         self.jobs.close()
         self.spool.close()
+        self.audit.application(started=False)
+        self.audit.close()
         log.info("daemon.stopped")
+
+    def _audit_changes(self) -> None:
+        """A Security Alert when the configuration, the software version or a model differs from
+        the last start's (the state lies beside the audit log)."""
+        state_path = self.audit.path.parent / "last-start.json"
+        now = {
+            "version": __version__,
+            "config_sha256": hashlib.sha256(self.cfg.model_dump_json().encode()).hexdigest(),
+            "models": {name: p.version for name, p in sorted(self.pipelines.items())},
+        }
+        try:
+            before = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before is not None:
+            if before.get("config_sha256") != now["config_sha256"]:
+                self.audit.security_alert(audit.SECURITY_CONFIGURATION, audit.SUCCESS, self.cfg.node.ae_title,
+                                          "the configuration differs from the last start's "
+                                          f"(sha256 {now['config_sha256'][:16]}, was {str(before.get('config_sha256'))[:16]})")
+            changed = [f"appliance {before.get('version')} -> {now['version']}"] if before.get("version") != \
+                now["version"] else []
+            changed += [f"{n} {before.get('models', {}).get(n)} -> {v}" for n, v in now["models"].items()
+                        if before.get("models", {}).get(n) != v]
+            if changed:
+                self.audit.security_alert(audit.SOFTWARE_CONFIGURATION, audit.SUCCESS, self.cfg.node.ae_title,
+                                          "software changed since the last start: " + "; ".join(changed))
+        try:
+            atomic_write(state_path, json.dumps(now, indent=1).encode())
+        except OSError as exc:
+            log.warning("audit.state_not_written", path=str(state_path), error=str(exc))
 
     def run_forever(self) -> int:
         """Run until SIGTERM or SIGINT; returns the exit status (0 after a clean drain)."""

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 
+from appliance import audit
 from appliance.config import ApplianceConfig
 from appliance.dicom import admission, tls
 from appliance.dicom.sop import STORAGE_SOP_CLASSES, accepted_transfer_syntaxes
@@ -156,6 +157,9 @@ class StorageSCP:
         self._assoc_series: dict[int, set[str]] = defaultdict(set)  # id(association) -> series it stored into
         self._series_assocs: dict[str, int] = defaultdict(int)  # series -> associations storing into it
         self._fsyncs = ThreadPoolExecutor(max_workers=cfg.node.max_associations, thread_name_prefix="scp-fsync")
+        self.audit = cfg.audit_trail()
+        # id(association) -> (studies it stored, instances it refused), reported when it ends
+        self._transfers: dict[int, tuple[dict[str, audit.StudyTransfer], list[int]]] = {}
 
     def _make_ae(self) -> AE:
         node = self.cfg.node
@@ -190,7 +194,7 @@ class StorageSCP:
         admission.bound_pdu_reads()
         self.admission = admission.Admission(
             self.cfg.peers.source_allowed, node.max_connections_per_source, node.max_pending_connections,
-            node.request_timeout_s,
+            node.request_timeout_s, on_refused=self._connection_refused,
         )
         tls_context = tls.server_context(tls_cfg) if tls_cfg.port is not None else None  # bad files: fail here
         servers = []
@@ -249,11 +253,37 @@ class StorageSCP:
         for assoc in leftover:
             assoc.abort()
         self._fsyncs.shutdown(wait=True)
+        self.audit.close()
         log.info("scp.stopped", drained=len(active) - len(leftover), aborted=len(leftover))
 
     # ---- handlers --------------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event.assoc)
+
+    def _connection_refused(self, address: str, reason: str) -> None:
+        self.audit.security_alert(audit.NODE_AUTHENTICATION, audit.MINOR_FAILURE, address,
+                                  f"connection from {address} refused before association: {reason}",
+                                  peer=audit.Node("", address, requestor=True), fold_key=f"{reason}:{address}")
+
+    def _transfer(self, assoc) -> tuple[dict[str, audit.StudyTransfer], list[int]]:
+        with self._lock:
+            return self._transfers.setdefault(id(assoc), ({}, [0]))
+
+    def _audit_transfer(self, assoc) -> None:
+        """DICOM Instances Transferred for what an association that has ended stored."""
+        with self._lock:
+            studies, refused = self._transfers.pop(id(assoc), ({}, [0]))
+        if not studies and not refused[0]:
+            return
+        requestor = assoc.requestor
+        stored = sum(sum(s.sop_classes.values()) for s in studies.values())
+        outcome = audit.MINOR_FAILURE if refused[0] else audit.SUCCESS
+        description = f"{stored} instance(s) stored" + (f", {refused[0]} refused" if refused[0] else "")
+        identity = tls.peer_identity(getattr(assoc.dul.socket, "socket", None))
+        self.audit.instances_transferred(
+            "C", audit.Node(str(requestor.ae_title or "").strip(), requestor.address, requestor=True),
+            audit.Node(self.cfg.node.ae_title, assoc.acceptor.address or None), studies, outcome,
+            description + (f"; TLS client {identity}" if identity else ""))
 
     def _track(self, assoc, series_uid: str) -> None:
         with self._lock:
@@ -276,12 +306,14 @@ class StorageSCP:
 
     def _on_released(self, event: evt.Event) -> None:
         # The sender released the association normally: it says it is done (for now).
+        self._audit_transfer(event.assoc)
         series = self._untrack(event.assoc)
         if series and self.on_released is not None:
             self.on_released(series)
 
     def _on_gone(self, event: evt.Event) -> None:
         # Aborted or dropped: no statement that the series is whole; the idle timer decides.
+        self._audit_transfer(event.assoc)
         self._untrack(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:
@@ -292,16 +324,29 @@ class StorageSCP:
         if not self.cfg.peers.calling_ae_allowed(calling):
             self._reject(event, "calling_ae_not_allowed", calling, _REJECT_CALLING_AE)
 
-    @staticmethod
-    def _reject(event: evt.Event, reason: str, calling: str, rsd: tuple[int, int, int]) -> None:
-        log.warning("scp.association_rejected", reason=reason, calling_ae=calling,
-                    peer_address=event.assoc.requestor.address)
+    def _reject(self, event: evt.Event, reason: str, calling: str, rsd: tuple[int, int, int]) -> None:
+        address = event.assoc.requestor.address
+        log.warning("scp.association_rejected", reason=reason, calling_ae=calling, peer_address=address)
+        self.audit.security_alert(audit.NODE_AUTHENTICATION, audit.MINOR_FAILURE, address,
+                                  f"association from {calling!r} at {address} rejected: {reason}",
+                                  peer=audit.Node(calling, address, requestor=True),
+                                  fold_key=f"{reason}:{calling}:{address}")
         assoc = event.assoc
         # As pynetdicom's own acceptor does: queue the A-ASSOCIATE-RJ, let the DUL send it and
         # stop, and mark the association rejected so no negotiation follows.
         assoc.acse.send_reject(*rsd)
         assoc.kill()
         assoc.is_rejected = True
+
+    def _note_stored(self, assoc, header: InstanceHeader) -> None:
+        studies, _ = self._transfer(assoc)
+        study = studies.get(header.study_uid)
+        if study is None:
+            ds = header.dataset if header.dataset is not None else Dataset()
+            study = studies[header.study_uid] = audit.StudyTransfer(
+                patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
+                description=str(ds.get("StudyDescription", "") or ""))
+        study.add(header.sop_class_uid)
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -318,6 +363,7 @@ class StorageSCP:
             log.warning("scp.instance_refused", reason="out_of_space", detail=detail, status="0xA700",
                         calling_ae=calling, sop_instance_uid=str(request.AffectedSOPInstanceUID))
             self.spool.record_refused(None, "out_of_space", detail, calling, address)
+            self._transfer(event.assoc)[1][0] += 1
             return _status(STATUS_OUT_OF_RESOURCES, f"out_of_space: {detail}")
         prepared = self._fsyncs.submit(hash_and_fsync, path)
         try:
@@ -335,9 +381,11 @@ class StorageSCP:
                         status=f"0x{refusal.status:04X}", calling_ae=calling,
                         sop_instance_uid=str(request.AffectedSOPInstanceUID))
             self.spool.record_refused(path, refusal.reason, refusal.detail, calling, address)
+            self._transfer(event.assoc)[1][0] += 1
             return _status(refusal.status, f"{refusal.reason}: {refusal.detail}")
         except (OSError, sqlite3.Error) as exc:  # disk or index trouble: out of resources, retry later
             log.error("scp.store_failed", error=str(exc), calling_ae=calling)
+            self._transfer(event.assoc)[1][0] += 1
             return _status(STATUS_OUT_OF_RESOURCES, f"storage error: {getattr(exc, 'strerror', None) or exc}")
         except Exception as exc:  # never let one instance take the association down unanswered
             log.exception("scp.store_failed", calling_ae=calling)
@@ -347,6 +395,7 @@ class StorageSCP:
         log.debug("scp.stored", kind=outcome.kind, series_uid=header.series_uid,
                   sop_instance_uid=header.sop_instance_uid)
         self._track(event.assoc, header.series_uid)
+        self._note_stored(event.assoc, header)
         if self.on_stored is not None:
             self.on_stored(outcome, header)
         return 0x0000

@@ -75,6 +75,7 @@ class Worker(BackgroundLoop):
         self.publisher = publisher
         self.pipelines = pipelines
         self.on_exporting = on_exporting
+        self.audit = None  # the daemon's `AuditTrail`: a model change is a Software Configuration alert
         self._volumes: dict[int, Volume] = {}  # fresh volumes handed over by the assembler
         self._volumes_lock = threading.Lock()
         self._slabs: collections.deque[SlabTask] = collections.deque()  # streamed slabs, in order
@@ -127,6 +128,11 @@ class Worker(BackgroundLoop):
                      card=fresh.model)
             self.publisher.publish(ModelChanged(pipeline=name, ok=True, previous=current.version,
                                                 current=fresh.version, detail=f"loaded {fresh.model}"))
+            if self.audit is not None:
+                from appliance import audit
+
+                self.audit.security_alert(audit.SOFTWARE_CONFIGURATION, audit.SUCCESS, self.cfg.node.ae_title,
+                                          f"pipeline {name}: model {current.version} -> {fresh.version} ({fresh.model})")
             return fresh
 
     def discard(self, job_id: int) -> None:
