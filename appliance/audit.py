@@ -72,6 +72,12 @@ class StudyTransfer:
     description: str = ""
     sop_classes: collections.Counter = field(default_factory=collections.Counter)
 
+    @classmethod
+    def of(cls, ds) -> StudyTransfer:
+        """The study's participant details from one of its instances' headers."""
+        return cls(patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
+                   description=str(ds.get("StudyDescription", "") or ""))
+
     def add(self, sop_class: str, n: int = 1) -> None:
         self.sop_classes[sop_class] += n
 
@@ -117,7 +123,8 @@ class AuditTrail:
         self.source_id = cfg.source_id or f"{ae_title}@{self.host}"
         self.path = Path(cfg.path or default_root / "audit" / "audit.log")
         self._lock = threading.Lock()
-        self._alerts: dict[tuple, list] = {}  # (kind, address) -> [last sent, folded since]
+        # (kind, fold key) -> [when last written, alerts folded since, the last folded one's arguments]
+        self._alerts: dict[tuple, list] = {}
         self._syslog: _SyslogSender | None = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -129,6 +136,7 @@ class AuditTrail:
         msg = self._message(APPLICATION_ACTIVITY, "E", outcome, description,
                             [APPLICATION_START if started else APPLICATION_STOP])
         self._participant(msg, Node(self.ae_title, self.host), ROLE_APPLICATION, alternative=f"pid={os.getpid()}")
+        self._source(msg)
         self._emit(msg)
 
     def instances_transferred(self, action: str, source: Node, destination: Node,
@@ -148,7 +156,7 @@ class AuditTrail:
         for patient_id, name in sorted(patients.items()):
             shown = name if (self.cfg.include_patient_name and name) else patient_id
             self._object(msg, patient_id or "(none)", "1", "1", PATIENT_NUMBER, shown or "(none)")
-        self._emit(msg, sourced=True)
+        self._emit(msg)
 
     def security_alert(self, kind: tuple[str, str, str], outcome: str, subject: str, detail: str,
                        peer: Node | None = None, fold_key: str | None = None) -> None:
@@ -174,7 +182,7 @@ class AuditTrail:
         obj = self._object(msg, subject, "2", "13", NODE_ID, subject)
         ET.SubElement(obj, "ParticipantObjectDetail", {"type": "Alert Description",
                                                       "value": base64.b64encode(detail.encode()).decode()})
-        self._emit(msg, sourced=True)
+        self._emit(msg)
 
     # ---- building ------------------------------------------------------------------------------
     def _message(self, event: tuple, action: str, outcome: str, description: str,
@@ -216,11 +224,9 @@ class AuditTrail:
         ET.SubElement(obj, "ParticipantObjectName").text = _token(name)
         return obj
 
-    def _emit(self, msg: ET.Element, sourced: bool = False) -> None:
+    def _emit(self, msg: ET.Element) -> None:
         if not self.enabled:
             return
-        if not sourced:
-            self._source(msg)
         line = ET.tostring(msg, encoding="unicode").replace("\n", "&#10;") + "\n"
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

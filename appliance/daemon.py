@@ -357,10 +357,8 @@ class Daemon:
         if files:
             try:
                 ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-                studies[str(ds.StudyInstanceUID)] = audit.StudyTransfer(
-                    patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
-                    description=str(ds.get("StudyDescription", "") or ""))
-                studies[str(ds.StudyInstanceUID)].add(str(ds.SOPClassUID), self.outbox.instance_count(entry.id))
+                study = studies[str(ds.StudyInstanceUID)] = audit.StudyTransfer.of(ds)
+                study.add(str(ds.SOPClassUID), self.outbox.instance_count(entry.id))
             except Exception as exc:  # the record is still written, with what is known
                 log.warning("audit.export_unread", entry_id=entry.id, error=str(exc))
         dest = self.cfg.destinations.get(entry.destination)

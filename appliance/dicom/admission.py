@@ -74,7 +74,7 @@ class Admission:
     def admit(self, address: str) -> tuple[int, int, int] | None:
         """Count a new connection from ``address``; or the A-ASSOCIATE-RJ to refuse it with."""
         if not self.source_allowed(address):
-            self._refused(address, "source_not_allowed")
+            self.refused(address, "source_not_allowed")
             return RJ_NOT_ALLOWED
         with self._lock:
             if self._connections[address] >= self.max_per_source:
@@ -85,7 +85,7 @@ class Admission:
                 self._connections[address] += 1
                 self._pending += 1
                 return None
-        self._refused(address, reason)
+        self.refused(address, reason)
         return RJ_LOCAL_LIMIT
 
     def requested(self) -> None:
@@ -99,12 +99,13 @@ class Admission:
             if self._connections[address] <= 0:
                 del self._connections[address]
 
-    def _refused(self, address: str, reason: str) -> None:
-        log.warning("scp.connection_refused", reason=reason, peer_address=address)
+    def refused(self, address: str, reason: str, event: str = "scp.connection_refused") -> None:
+        """Say that a connection from ``address`` was refused or dropped, and why."""
+        log.warning(event, reason=reason, peer_address=address)
         if self.on_refused is not None:
             self.on_refused(address, reason)
 
-    def await_request(self, sock: socket.socket, address: str) -> str | None:
+    def await_request(self, sock: socket.socket) -> str | None:
         """Wait (at most ``request_timeout_s``) until a whole A-ASSOCIATE-RQ is in ``sock``'s
         buffer; None when it is, else why the connection is let go."""
         deadline = time.monotonic() + self.request_timeout_s
@@ -237,22 +238,20 @@ class AdmittingServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request, client_address) -> None:
         address = client_address[0]
-        requested = False
         try:
-            if self.tls_context is not None:
-                request, why = self._handshake(request)
-            else:
-                why = self.admission.await_request(request, address)
-            self.admission.requested()
-            requested = True
+            try:
+                if self.tls_context is not None:
+                    request, why = self._handshake(request)
+                else:
+                    why = self.admission.await_request(request)
+            finally:
+                self.admission.requested()
             if why is not None:
-                log.warning("scp.connection_dropped", reason=why, peer_address=address)
-                if self.admission.on_refused is not None:
-                    self.admission.on_refused(address, why)
+                self.admission.refused(address, why, event="scp.connection_dropped")
                 if why in ("tls_on_plain_port", "not_an_association_request", "request_too_large"):
                     refuse(request, RJ_NOT_ALLOWED)
                 else:
-                    self._close(request)
+                    self.shutdown_request(request)
                 return
             handler = self.RequestHandlerClass(request, client_address, self)
             if handler.assoc is not None:
@@ -261,8 +260,6 @@ class AdmittingServer(ThreadedAssociationServer):
             self.handle_error(request, client_address)
             self.shutdown_request(request)
         finally:
-            if not requested:
-                self.admission.requested()
             self.admission.release(address)
 
     def _handshake(self, request: socket.socket):
@@ -276,17 +273,6 @@ class AdmittingServer(ThreadedAssociationServer):
             return request, f"tls_handshake_failed: {exc.reason or exc}"
         except (OSError, TimeoutError) as exc:
             return request, f"tls_handshake_failed: {type(exc).__name__}"
-
-    @staticmethod
-    def _close(sock: socket.socket) -> None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
 
 
 def start_server(ae, address, evt_handlers, admission: Admission, tls_context: ssl.SSLContext | None = None):

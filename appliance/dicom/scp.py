@@ -21,6 +21,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -139,6 +140,14 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+@dataclass
+class _Transfer:
+    """What one association stored (by study) and refused, for its audit message."""
+
+    studies: dict[str, audit.StudyTransfer] = field(default_factory=dict)
+    refused: int = 0
+
+
 class StorageSCP:
     """Accepts C-ECHO and C-STORE into the spool. ``on_stored(outcome, header)`` is called
     after every successful store, ``on_released(series_uids)`` when an association that stored
@@ -158,8 +167,7 @@ class StorageSCP:
         self._series_assocs: dict[str, int] = defaultdict(int)  # series -> associations storing into it
         self._fsyncs = ThreadPoolExecutor(max_workers=cfg.node.max_associations, thread_name_prefix="scp-fsync")
         self.audit = cfg.audit_trail()
-        # id(association) -> (studies it stored, instances it refused), reported when it ends
-        self._transfers: dict[int, tuple[dict[str, audit.StudyTransfer], list[int]]] = {}
+        self._transfers: dict[int, _Transfer] = {}  # id(association) -> what it did, audited when it ends
 
     def _make_ae(self) -> AE:
         node = self.cfg.node
@@ -265,20 +273,20 @@ class StorageSCP:
                                   f"connection from {address} refused before association: {reason}",
                                   peer=audit.Node("", address, requestor=True), fold_key=f"{reason}:{address}")
 
-    def _transfer(self, assoc) -> tuple[dict[str, audit.StudyTransfer], list[int]]:
+    def _transfer(self, assoc) -> _Transfer:
         with self._lock:
-            return self._transfers.setdefault(id(assoc), ({}, [0]))
+            return self._transfers.setdefault(id(assoc), _Transfer())
 
     def _audit_transfer(self, assoc) -> None:
         """DICOM Instances Transferred for what an association that has ended stored."""
         with self._lock:
-            studies, refused = self._transfers.pop(id(assoc), ({}, [0]))
-        if not studies and not refused[0]:
+            done = self._transfers.pop(id(assoc), None)
+        if done is None:
             return
-        requestor = assoc.requestor
+        requestor, studies, refused = assoc.requestor, done.studies, done.refused
         stored = sum(sum(s.sop_classes.values()) for s in studies.values())
-        outcome = audit.MINOR_FAILURE if refused[0] else audit.SUCCESS
-        description = f"{stored} instance(s) stored" + (f", {refused[0]} refused" if refused[0] else "")
+        outcome = audit.MINOR_FAILURE if refused else audit.SUCCESS
+        description = f"{stored} instance(s) stored" + (f", {refused} refused" if refused else "")
         identity = tls.peer_identity(getattr(assoc.dul.socket, "socket", None))
         self.audit.instances_transferred(
             "C", audit.Node(str(requestor.ae_title or "").strip(), requestor.address, requestor=True),
@@ -339,13 +347,11 @@ class StorageSCP:
         assoc.is_rejected = True
 
     def _note_stored(self, assoc, header: InstanceHeader) -> None:
-        studies, _ = self._transfer(assoc)
+        studies = self._transfer(assoc).studies
         study = studies.get(header.study_uid)
         if study is None:
-            ds = header.dataset if header.dataset is not None else Dataset()
-            study = studies[header.study_uid] = audit.StudyTransfer(
-                patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
-                description=str(ds.get("StudyDescription", "") or ""))
+            study = studies[header.study_uid] = audit.StudyTransfer.of(
+                header.dataset if header.dataset is not None else Dataset())
         study.add(header.sop_class_uid)
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -363,7 +369,7 @@ class StorageSCP:
             log.warning("scp.instance_refused", reason="out_of_space", detail=detail, status="0xA700",
                         calling_ae=calling, sop_instance_uid=str(request.AffectedSOPInstanceUID))
             self.spool.record_refused(None, "out_of_space", detail, calling, address)
-            self._transfer(event.assoc)[1][0] += 1
+            self._transfer(event.assoc).refused += 1
             return _status(STATUS_OUT_OF_RESOURCES, f"out_of_space: {detail}")
         prepared = self._fsyncs.submit(hash_and_fsync, path)
         try:
@@ -381,11 +387,11 @@ class StorageSCP:
                         status=f"0x{refusal.status:04X}", calling_ae=calling,
                         sop_instance_uid=str(request.AffectedSOPInstanceUID))
             self.spool.record_refused(path, refusal.reason, refusal.detail, calling, address)
-            self._transfer(event.assoc)[1][0] += 1
+            self._transfer(event.assoc).refused += 1
             return _status(refusal.status, f"{refusal.reason}: {refusal.detail}")
         except (OSError, sqlite3.Error) as exc:  # disk or index trouble: out of resources, retry later
             log.error("scp.store_failed", error=str(exc), calling_ae=calling)
-            self._transfer(event.assoc)[1][0] += 1
+            self._transfer(event.assoc).refused += 1
             return _status(STATUS_OUT_OF_RESOURCES, f"storage error: {getattr(exc, 'strerror', None) or exc}")
         except Exception as exc:  # never let one instance take the association down unanswered
             log.exception("scp.store_failed", calling_ae=calling)

@@ -9,7 +9,6 @@ accept it refuses with an `InstanceRefused` carrying the DICOM status and a code
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,12 +152,12 @@ def _parse(path: Path, max_inflated_bytes: int) -> tuple[Dataset, Walked]:
     """Walk the file in its transfer syntax, then parse it (values over the defer size stay on
     disk). A deflated dataset is inflated into a file beside it first, within the limit."""
     inflated = path.with_name(path.name + ".inflated")
+    walked = check_part10(path, inflated, max_inflated_bytes)  # leaves nothing behind when it refuses
+    if not walked.inflated:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        _ = ds.get("SOPClassUID")  # forces the parse of the leading elements
+        return ds, walked
     try:
-        walked = check_part10(path, inflated, max_inflated_bytes)
-        if not walked.inflated:
-            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
-            _ = ds.get("SOPClassUID")  # forces the parse of the leading elements
-            return ds, walked
         with open(inflated, "rb") as f:
             ds = read_dataset(f, is_implicit_VR=False, is_little_endian=True, defer_size=_DEFER_BYTES)
             ds.file_meta = read_file_meta_info(path)

@@ -278,7 +278,8 @@ def _mapped(path: Path):
 def check_part10(path: Path, inflate_into: Path, max_inflated_bytes: int) -> Walked:
     """Walk a received Part-10 file in the transfer syntax its meta names. A deflated dataset is
     inflated into ``inflate_into`` first (raw dataset bytes, Explicit VR Little Endian, no meta;
-    left for the caller to parse and remove), refused once it passes ``max_inflated_bytes``."""
+    left for the caller to parse and remove when the walk passes, removed here when it refuses),
+    refused once it passes ``max_inflated_bytes``."""
     buf, size = _mapped(path)
     try:
         start, syntax = _meta(buf, size)
@@ -287,7 +288,11 @@ def check_part10(path: Path, inflate_into: Path, max_inflated_bytes: int) -> Wal
         if not syntax.is_deflated:
             return _walk(buf, start, size, syntax, not syntax.is_implicit_VR, syntax.is_little_endian,
                          syntax.is_encapsulated)
-        _inflate(buf, start, size, inflate_into, max_inflated_bytes)
+        try:
+            _inflate(buf, start, size, inflate_into, max_inflated_bytes)
+        except BaseException:
+            inflate_into.unlink(missing_ok=True)
+            raise
     finally:
         if isinstance(buf, mmap.mmap):
             buf.close()
@@ -296,6 +301,9 @@ def check_part10(path: Path, inflate_into: Path, max_inflated_bytes: int) -> Wal
         if size == 0:
             raise Malformed("truncated", "the deflated dataset is empty")
         return _walk(buf, 0, size, syntax, True, True, False, inflated=True)
+    except BaseException:
+        inflate_into.unlink(missing_ok=True)
+        raise
     finally:
         if isinstance(buf, mmap.mmap):
             buf.close()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from appliance import audit
 from appliance.background import BackgroundLoop
 from appliance.config import ApplianceConfig
 from appliance.dicom.assemble import assemble_series
@@ -129,8 +130,6 @@ class Worker(BackgroundLoop):
             self.publisher.publish(ModelChanged(pipeline=name, ok=True, previous=current.version,
                                                 current=fresh.version, detail=f"loaded {fresh.model}"))
             if self.audit is not None:
-                from appliance import audit
-
                 self.audit.security_alert(audit.SOFTWARE_CONFIGURATION, audit.SUCCESS, self.cfg.node.ae_title,
                                           f"pipeline {name}: model {current.version} -> {fresh.version} ({fresh.model})")
             return fresh
